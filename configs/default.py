@@ -1,0 +1,74 @@
+"""V1T as in the original's README run on Sensorium+ (six mice S1, A-E; behavior_mode 3, batch 16).
+
+Every default follows `model_spec.md` §12. Data-derived shapes (neuron counts, coordinates,
+statistics) come from the converted dataset at run time, never from this file.
+
+  python launch_train.py --config=configs/default.py --workdir=runs/v1t_default \
+      --config.data.data_dir=data/sensorium_tfds
+"""
+
+import ml_collections
+
+# V1T ids of the Sensorium zips (sensorium_format.md §1); either the id or the data_key may be used.
+SENSORIUM_PLUS_MICE = ("S1", "A", "B", "C", "D", "E")
+
+
+def data_config() -> ml_collections.ConfigDict:
+  """Input pipeline settings shared by all configs."""
+  d = ml_collections.ConfigDict()
+  d.data_dir = "data/sensorium_tfds"   # output of `python -m data_prep.convert`
+  d.mice = SENSORIUM_PLUS_MICE         # V1T ids (S0, S1, A-E, F-O) or data keys like "21067-10-18"
+  d.batch_size = 16                    # per mouse; a step sees [num_mice, batch_size, ...]
+  d.eval_batch_size = 64               # per mouse, for validation / test passes
+  d.center_crop = 1.0                  # the original's --center_crop (1 = identity)
+  d.resize_image = True                # the original's --resize_image: 144x256 -> 36x64
+  d.image_size = (36, 64)              # resize target when resize_image
+  d.gray_scale = False                 # Franke colour data: average the channels into one
+  d.limit_data = ml_collections.config_dict.placeholder(int)  # cap on train trials per mouse
+  d.shuffle_seed = 1234                # per-mouse shuffles derive from it
+  d.cache = True                       # keep the serialized train shards in memory after epoch 1
+  return d
+
+
+def model_config() -> ml_collections.ConfigDict:
+  """The ViT core, readouts and shifters (model_spec.md §3-§7, §12)."""
+  m = ml_collections.ConfigDict()
+  # Core (ViT).
+  m.patch_size = 8
+  m.patch_stride = 1
+  m.patch_mode = 0                     # 0: unfold + linear (original default), 1: conv
+  m.emb_dim = 155                      # D; also the width of every attention head
+  m.num_heads = 4
+  m.num_blocks = 4
+  m.mlp_dim = 488
+  m.p_dropout = 0.0229                 # after patch + positional embedding
+  m.t_dropout = 0.2544                 # attention probabilities, attention output, MLP
+  m.drop_path = 0.0
+  m.use_lsa = False                    # Locality Self-Attention
+  m.disable_bias = False
+  m.behavior_mode = 3                  # 0 none, 1 image channels, 2/3 shared B-MLP, 4 per-mouse B-MLP
+  # Readout and shifter.
+  m.shift_mode = 2                     # 0 no shifter, 2 per-mouse core shifter (original default)
+  m.disable_grid_predictor = False
+  m.grid_predictor_dim = 2
+  m.bias_mode = 0                      # 0 zeros, 1 mean response, 2 mean / std
+  m.init_sigma = 0.1
+  m.init_mu_range = 0.3
+  # Regularisers and loss.
+  m.core_reg_scale = 0.5379
+  m.readout_reg_scale = 0.0076
+  m.shifter_reg_scale = 0.0
+  m.ds_scale = True                    # scale each mouse's loss by sqrt(N_train / batch)
+  # Accelerator path.
+  m.compute_dtype = "float32"          # "bfloat16": bf16 matmuls with float32 accumulation
+  m.attention = "reference"            # "fused": jax.nn.dot_product_attention
+  return m
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  del arg
+  config = ml_collections.ConfigDict()
+  config.seed = 1234
+  config.data = data_config()
+  config.model = model_config()
+  return config

@@ -84,9 +84,9 @@ def convert_one(path: str, data_dir: str, overwrite: bool = False) -> Converted:
             f"({done.info.get('source_name')}, sha256 {done.info.get('source_sha256', '?')[:12]}...)"
             "; pass --overwrite to replace it")
     remove_leftovers(data_dir, key)
-    logging.info("%s: reading and validating %s", key, os.path.basename(path))
+    print(f"{key}: reading and validating {os.path.basename(path)}", flush=True)
     mouse = read_mouse(src)
-  logging.info("%s: writing %d trials x %d neurons", key, mouse.num_trials, mouse.num_neurons)
+  print(f"{key}: writing {mouse.num_trials} trials x {mouse.num_neurons} neurons", flush=True)
   builder = SensoriumMouse(mouse=mouse, checksum=checksum, data_dir=data_dir)
   mode = (tfds.download.GenerateMode.FORCE_REDOWNLOAD if overwrite
           else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
@@ -105,11 +105,11 @@ def convert(sources: list[str], data_dir: str, overwrite: bool = False) -> list[
     r = convert_one(path, data_dir, overwrite)
     results.append(r)
     if r.skipped:
-      logging.info("[%d/%d] %s: already converted from this source, skipped", i + 1, len(paths),
-                   r.data_key)
+      print(f"[{i + 1}/{len(paths)}] {r.data_key}: already converted from this source, skipped",
+            flush=True)
     else:
-      logging.info("[%d/%d] %s: %d trials in %.1f s (%.0f trials/s) -> %s", i + 1, len(paths),
-                   r.data_key, r.trials, r.seconds, r.trials / max(r.seconds, 1e-9), r.path)
+      print(f"[{i + 1}/{len(paths)}] {r.data_key}: {r.trials} trials in {r.seconds:.1f} s "
+            f"({r.trials / max(r.seconds, 1e-9):.0f} trials/s) -> {r.path}", flush=True)
   return results
 
 
@@ -120,7 +120,7 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace mice converted from 
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.INFO)
+  logging.set_verbosity(logging.WARNING)   # progress is printed per mouse; tfds's INFO is noise
   tfds.disable_progress_bar()
   try:
     convert(_SRC.value, _DATA_DIR.value, _OVERWRITE.value)

@@ -32,7 +32,7 @@ import time
 import zipfile
 
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
 from data_prep import simulate
 
@@ -346,9 +346,9 @@ def synthesize(out_dir: str, preset_name: str = "tiny", seed: int = 0, trials: i
   for spec in specs:
     t0 = time.time()
     paths.append(write_mouse(out_dir, spec, preset, seed, color))
-    logging.info("[%d/%d] %s: %d neurons, %d trials in %.1f s", spec.index + 1, len(specs),
-                 os.path.basename(paths[-1]), spec.neurons,
-                 spec.n_train + spec.n_val, time.time() - t0)
+    print(f"[{spec.index + 1}/{len(specs)}] {os.path.basename(paths[-1])}: {spec.neurons} "
+          f"neurons, {spec.n_train} train + {spec.n_val} validation trials in "
+          f"{time.time() - t0:.1f} s", flush=True)
   return paths
 
 
@@ -363,7 +363,6 @@ _COMPETITION = flags.DEFINE_bool(
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.INFO)
   paths = synthesize(_OUT.value, _PRESET.value, _SEED.value, _TRIALS.value, _COLOR.value,
                      _COMPETITION.value)
   for p in paths:

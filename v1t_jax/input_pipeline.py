@@ -229,3 +229,23 @@ def eval_dataset(mice: list[MouseMeta], tier: str, data_cfg, *, process_index: i
 
 def as_numpy(ds: tf.data.Dataset):
   return tfds.as_numpy(ds)
+
+
+def summarize(mice: list[MouseMeta], data_cfg, timed_steps: int = 20) -> dict:
+  """What a run will see: mice, sizes, batch shapes, and the measured train throughput."""
+  import time
+  ds = train_dataset(mice, data_cfg, process_index=0, process_count=1)
+  it = iter(as_numpy(ds))
+  batch = next(it)   # the first batch pays for pipeline start-up and the cache fill
+  t0 = time.perf_counter()
+  for _ in range(timed_steps):
+    next(it)
+  seconds = time.perf_counter() - t0
+  examples = timed_steps * len(mice) * data_cfg.batch_size
+  return {
+      "mice": [{"name": m.name, "data_key": m.data_key, "neurons": m.num_neurons,
+                "tiers": m.info["tiers"], "source": m.info["source_name"]} for m in mice],
+      "steps_per_epoch": steps_per_epoch(mice, data_cfg.batch_size, data_cfg.limit_data),
+      "batch": {k: [list(v.shape), str(v.dtype)] for k, v in batch.items()},
+      "train_examples_per_s": round(examples / seconds, 1),
+  }

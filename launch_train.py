@@ -1,13 +1,18 @@
-r"""The single entry point of v1t_jax.
+r"""The single entry point of v1t_jax: train, resume, evaluate.
 
-  python launch_train.py --config=configs/synthetic.py --workdir=runs/demo --mode=data
+  python launch_train.py --config=configs/synthetic.py --workdir=runs/demo
+  python launch_train.py --config=configs/default.py --workdir=runs/v1t \
+      --config.data.data_dir=data/sensorium_tfds
+  python launch_train.py --config=configs/default.py --workdir=runs/v1t --mode=evaluate
 
 Modes:
-  data   make sure the config's dataset exists (the synthetic default is synthesized and
-         converted on first use), then print a JSON summary of the input pipeline and its
-         measured throughput (also written to <workdir>/data_summary.json).
+  train     train (resuming by itself when the workdir holds a checkpoint), then evaluate the
+            best checkpoint on validation and test (evaluation.json)
+  evaluate  restore the best checkpoint (or --config.eval.step) and write evaluation.json
+  data      only make sure the dataset exists and print a summary of the input pipeline
 
-`--config.x=value` overrides any config field; the config is locked, so a typo fails loudly.
+A config with a `synthetic` section (configs/synthetic.py) synthesizes and converts its data on
+first use. `--config.x=value` overrides any field; the config is locked, so a typo fails loudly.
 """
 
 import json
@@ -21,22 +26,30 @@ from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory", required=True)
-_MODE = flags.DEFINE_enum("mode", "data", ["data"], "what to run")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate", "data"], "what to run")
 
 
 def main(argv):
   del argv
+  # orbax and tfds log every file at INFO; our progress lines are printed (process 0), and every
+  # scalar goes to TensorBoard through clu.
   logging.set_verbosity(logging.WARNING)
   from data_prep import prepare
-  from v1t_jax import input_pipeline
+  from v1t_jax import input_pipeline, train
 
   config = _CONFIG.value
+  workdir = _WORKDIR.value
+  os.makedirs(workdir, exist_ok=True)
   mice = prepare.ensure_dataset(config)
-  summary = input_pipeline.summarize(mice, config.data)
-  os.makedirs(_WORKDIR.value, exist_ok=True)
-  with open(os.path.join(_WORKDIR.value, "data_summary.json"), "w") as f:
-    json.dump(summary, f, indent=1)
-  print(json.dumps(summary))
+  if _MODE.value == "data":
+    result = input_pipeline.summarize(mice, config.data)
+    with open(os.path.join(workdir, "data_summary.json"), "w") as f:
+      json.dump(result, f, indent=1)
+  elif _MODE.value == "train":
+    result = train.train_and_evaluate(config, workdir)
+  else:
+    result = train.evaluate_checkpoint(config, workdir)
+  print(json.dumps(result))
 
 
 if __name__ == "__main__":

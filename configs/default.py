@@ -65,10 +65,32 @@ def model_config() -> ml_collections.ConfigDict:
   return m
 
 
+def train_config() -> ml_collections.ConfigDict:
+  """Optimizer, schedule and bookkeeping (model_spec.md §8)."""
+  t = ml_collections.ConfigDict()
+  t.num_epochs = 400                   # maximum; the plateau rule usually stops first
+  t.lr = 0.001647
+  t.core_lr = ml_collections.config_dict.placeholder(float)  # None = lr
+  t.adam_beta1 = 0.9
+  t.adam_beta2 = 0.9999
+  t.adam_eps = 1e-8
+  t.lr_patience = 10                   # the original's Scheduler (hard-coded there)
+  t.lr_factor = 0.3
+  t.max_reduce = 2
+  t.pretrain_core = ""                 # freeze the core (set by a pretrained run); "" = train it
+  t.checkpoint_every_steps = 1000      # latest-state checkpoints within an epoch (0 = epoch ends)
+  t.log_every_steps = 50
+  t.max_steps_per_epoch = ml_collections.config_dict.placeholder(int)  # cap (smoke tests)
+  return t
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   del arg
   config = ml_collections.ConfigDict()
   config.seed = 1234
   config.data = data_config()
   config.model = model_config()
+  config.train = train_config()
+  config.eval = ml_collections.ConfigDict()
+  config.eval.step = ml_collections.config_dict.placeholder(int)  # None = the best checkpoint
   return config

@@ -14,9 +14,10 @@ id always gives the same picture whatever batch it is rendered in. On a canvas o
   gradient;
 * 2-9 occluding shapes painted back to front with a one-pixel soft edge: ellipses, convex
   polygons (intersections of half-planes) and large half-plane occluders ("horizons"). Each shape
-  has its own grey level, a gradient and a pink texture of its own contrast;
+  has its own grey level, a gradient and a texture of its own contrast (a randomly shifted,
+  flipped copy of the background noise);
 * the canvas is standardised, then mapped to grey level m + s * canvas with a per-image mean
-  m ~ N(113, 16) and contrast s ~ N(60, 10), clipped to [0, 255] and rounded to integers, so a
+  m ~ N(113, 16) and contrast s ~ N(67, 10), clipped to [0, 255] and rounded to integers, so a
   lossless uint8 cast exists. Over many images the grey levels have mean ~113 and std ~65 (the
   Sensorium statistics 113.5 / 64.6) and the power spectrum falls roughly as 1/f^2.
 
@@ -38,10 +39,12 @@ Population (one mouse)
 * Cortical positions: x, y uniform in a square window of side 600-900 um; z on 3 planes
   (100-340 um).
 * Retinotopy: the receptive-field (RF) centre c_i, in pixels of the 36 x 64 "model grid" (the
-  image block-averaged 4x for grey; x = column, y = row, row 0 at the top), is a smooth function
-  of cortical position: u = cortical (x, y) scaled to [-1/2, 1/2]; c = c0 + A R(theta) u +
-  k (u_x^2, u_y^2) + N(0, 1.2^2) scatter, with A ~ 20-28 px per window, |theta| < 0.35 rad, one
-  axis possibly mirrored, k a mild curvature. Clipped to the image.
+  image block-averaged 4x for grey; x = column, y = row, row 0 at the top, pixel centres at
+  integers, so a grey-image pixel column is 4 x + 1.5), is a smooth function
+  of cortical position: u = cortical (x, y) scaled to [-1/2, 1/2]; c = c0 + R(theta) A u +
+  k * (u_y^2, u_x^2) + N(0, 1.2^2) scatter, with A = diag(22-28, +-(16-22)) px per window
+  (elevation axis possibly mirrored), |theta| < 0.35 rad, |k| < 4 px a mild curvature, c0 near
+  the screen centre. Clipped to the image.
 * Filters: Gabor functions on the model grid, orientation U(0, pi), spatial frequency
   f ~ LogNormal(log 0.1, 0.35) clipped to [0.04, 0.25] cycles/px, phase U(0, 2 pi),
   envelope sigma = n_cyc / f with n_cyc ~ U(0.3, 0.55) (clipped to 1.2-5 px), aspect U(0.55, 1).
@@ -55,7 +58,7 @@ Population (one mouse)
   g = sqrt(<G_even, x>^2 + <G_odd, x>^2) (quadrature pair). z = (g - mu_i) / sd_i, where mu_i and
   sd_i are the mean and std of g over a calibration batch (so z is in standard units).
 * Output: rate = A_i * exp(b_run f_run + b_pup f_pup + b_dpup f_dpup) * softplus(k_i (z - t_i))
-  with A_i ~ LogNormal(0, 0.5), slope k_i ~ U(1.5, 3), threshold t_i ~ U(0.3, 1.5), and the
+  with A_i ~ LogNormal(0, 0.5), slope k_i ~ U(1, 2.5), threshold t_i ~ U(0, 1.2), and the
   behaviour features f_run = 1 - exp(-speed / 5), f_pup = tanh((pupil - 22) / 5),
   f_dpup = tanh(d pupil / 0.5). Gains b_run ~ N(0.4, 0.3^2), b_pup ~ N(0.25, 0.2^2),
   b_dpup ~ N(0.05, 0.05^2): mostly positive, i.e. running and dilation scale responses up.
@@ -63,23 +66,28 @@ Population (one mouse)
   pupil centre, p0 = (200, 195), M a 2 x 2 matrix of ~0.15-0.3 model pixels per camera pixel
   (small off-diagonal terms), S = 6 px. Implemented by shifting the image by -d (band-limited
   Fourier shift of the zero-padded image, so grey outside the screen), which is the same thing.
-* Noise (sample_responses): a shared multiplicative gain per trial m_i = exp(c_i e - c_i^2/2),
-  e ~ N(0, 1) common to all neurons, c_i ~ U(0.05, 0.25), then a compound Poisson-gamma
-  ("events" of random amplitude, like deconvolved calcium activity): N ~ Poisson(rate m / q_i),
-  response = sum of N Gamma(alpha_i, q_i / alpha_i) amplitudes, alpha_i ~ U(1, 3). Given the
-  rate its mean is rate * m and its variance F_i rate m with F_i = q_i (1 + 1/alpha_i). Trials
-  with no event get a tiny positive value U(1e-9, 1e-8) instead of 0.
+* Behaviour and pupil must be the real per-trial values: for the SENSORIUM mouse, whose files
+  hold zeroed behaviour, compute the rates from the sampled values and zero them only on disk.
+* Noise (sample_responses), per trial t and neuron i: a gain shared by all neurons
+  m_t = exp(c_i e_t - c_i^2 / 2), e_t ~ N(0, 1), c_i ~ U(0.05, 0.25); a private gain
+  p_ti ~ Gamma(1 / w_i, w_i) (mean 1, variance w_i); then a compound Poisson-gamma process
+  ("events" of random amplitude, like deconvolved calcium activity): N ~ Poisson(r m p / q_i),
+  response = sum of N amplitudes ~ Gamma(alpha_i, q_i / alpha_i), alpha_i ~ U(1, 3). Given
+  r m p the response has mean r m p and variance F_i r m p, F_i = q_i (1 + 1 / alpha_i).
+  Trials with no event get a tiny positive value U(1e-9, 1e-8) instead of 0 (~70% of entries).
 
-Calibration (make_population)
------------------------------
-A calibration batch of 600 natural-like images (a separate image seed) with sampled behaviour is
-rendered. (1) mu_i, sd_i are set from the raw drives g. (2) With the rates r of that batch,
-the correlation between rate and noisy response over trials is
-rho^2 = var(r)^2 / (var(r) (var(r) + v_i E[r^2] + F_i E[r])), with v_i = exp(c_i^2) - 1.
-Each neuron draws a target reliability rho_i ~ Beta(8.5, 7.9) (mean 0.52, sd 0.12, clipped to
-[0.15, 0.85]) and F_i is solved from that formula (floored at a small positive value). The oracle
-single-trial correlation on fresh images and behaviour is therefore ~0.5 (0.4-0.6), with
-neurons differing in reliability.
+Calibration (make_population / calibrate)
+-----------------------------------------
+A calibration batch of 600 natural-like images (its own image seed) with sampled behaviour is
+rendered. (1) mu_i, sd_i are set from the raw drives g. (2) With the noise-free rates r of that
+batch, the response y satisfies E[y | r] = r and
+var(y) = var(r) + B_i, B_i = E[r^2] ((1 + v_i)(1 + w_i) - 1) + F_i E[r], v_i = exp(c_i^2) - 1,
+so corr(r, y)^2 = var(r) / (var(r) + B_i). Each neuron draws a target reliability
+rho_i ~ Beta(8.5, 7.9) (mean 0.52, sd 0.12, clipped to [0.15, 0.85]), hence a noise budget
+B_i = var(r) (1 / rho_i^2 - 1). The private gain takes a share phi_i ~ U(0.4, 0.8) of it (solved
+for w_i), the event process the rest (solved for F_i, hence q_i; floored at a small positive
+value). The oracle single-trial correlation on fresh images and behaviour is therefore ~0.52
+(measured 0.51-0.53 for grey and colour mice), with neurons differing in reliability.
 """
 
 from __future__ import annotations
@@ -129,30 +137,45 @@ def _pink_noise(rng: np.random.Generator, h: int, w: int, exponent: float) -> np
     return out / out.std()
 
 
-def _shape_distance(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
-    """Signed distance (pixels, < 0 inside) to a random ellipse, convex polygon or half-plane."""
-    h = yy.shape[0]
+def _shape_distance(rng: np.random.Generator, h: int, w: int):
+    """A random ellipse, convex polygon or half-plane on an (h, w) canvas.
+
+    Returns (window, distance): the (row slice, column slice) outside which the shape is surely
+    absent, and the signed distance in pixels (< 0 inside) on that window.
+    """
     kind = rng.choice(3, p=[0.45, 0.4, 0.15])
-    cy, cx = float(rng.uniform(-0.1, 1.1) * h), float(rng.uniform(-0.1, 1.1) * yy.shape[1])
-    dy, dx = yy - cy, xx - cx
+    cy, cx = float(rng.uniform(-0.1, 1.1) * h), float(rng.uniform(-0.1, 1.1) * w)
+    reach = math.inf  # radius around (cy, cx) that contains the shape
     if kind == 0:  # ellipse
         ry, rx = (float(r) for r in rng.uniform(0.05, 0.4, size=2) * h)
         t = float(rng.uniform(0, np.pi))
-        u = dx * math.cos(t) + dy * math.sin(t)
-        v = dy * math.cos(t) - dx * math.sin(t)
-        return (np.sqrt((u / rx) ** 2 + (v / ry) ** 2) - 1.0) * min(rx, ry)
-    if kind == 1:  # convex polygon: intersection of half-planes around (cy, cx)
+        reach = max(rx, ry)
+    elif kind == 1:  # convex polygon: intersection of half-planes around (cy, cx)
         k = int(rng.integers(3, 7))
         angles = np.sort(rng.uniform(0, 2 * np.pi, size=k)) + rng.uniform(0, 2 * np.pi)
         radii = rng.uniform(0.06, 0.35, size=k) * h * rng.uniform(0.7, 2.0)
+        gap = np.diff(np.append(angles, angles[0] + 2 * np.pi)).max()
+        if gap < 0.9 * np.pi:  # bounded: every point is within r_max / cos(gap / 2)
+            reach = radii.max() / math.cos(gap / 2)
+    else:  # half-plane occluder ("horizon", large object edge)
+        a = float(rng.uniform(0, 2 * np.pi))
+    window = (
+        slice(max(0, int(cy - reach) - 2), max(0, min(h, int(math.ceil(cy + reach)) + 2))),
+        slice(max(0, int(cx - reach) - 2), max(0, min(w, int(math.ceil(cx + reach)) + 2))),
+    ) if math.isfinite(reach) else (slice(0, h), slice(0, w))
+    yy, xx, _ = _canvas_grids(h, w)
+    dy, dx = yy[window] - cy, xx[window] - cx
+    if kind == 0:
+        u = dx * math.cos(t) + dy * math.sin(t)
+        v = dy * math.cos(t) - dx * math.sin(t)
+        return window, (np.sqrt((u / rx) ** 2 + (v / ry) ** 2) - 1.0) * min(rx, ry)
+    if kind == 1:
         dist = None
         for a, r in zip(angles.tolist(), radii.tolist()):
             d = dx * math.cos(a) + dy * math.sin(a) - r
             dist = d if dist is None else np.maximum(dist, d, out=dist)
-        return dist
-    # half-plane occluder ("horizon", large object edge)
-    a = float(rng.uniform(0, 2 * np.pi))
-    return dx * math.cos(a) + dy * math.sin(a)
+        return window, dist
+    return window, dx * math.cos(a) + dy * math.sin(a)
 
 
 def _render_canvas(rng: np.random.Generator, h: int, w: int, colour: bool):
@@ -160,21 +183,25 @@ def _render_canvas(rng: np.random.Generator, h: int, w: int, colour: bool):
     yy, xx, _ = _canvas_grids(h, w)
     yn, xn = yy / h - 0.5, xx / w - 0.5
 
-    def gradient(scale):
+    def gradient(scale, window):
         gy, gx = rng.normal(0, scale, size=2)
-        return np.float32(gy) * yn + np.float32(gx) * xn
+        return np.float32(gy) * yn[window] + np.float32(gx) * xn[window]
 
-    lum = 0.8 * _pink_noise(rng, h, w, rng.uniform(1.0, 1.4)) + gradient(1.0)
-    texture = _pink_noise(rng, h, w, rng.uniform(0.8, 1.2))
+    full = (slice(0, h), slice(0, w))
+    noise = _pink_noise(rng, h, w, rng.uniform(0.9, 1.3))
+    lum = 0.8 * noise + gradient(1.0, full)
+    texture = np.tile(noise[::-1, ::-1], (2, 2))  # shapes' texture: flipped, shifted background
     chroma = 0.7 * _pink_noise(rng, h, w, 1.5) if colour else None
     for _ in range(int(rng.integers(2, 10))):
-        alpha = np.clip(0.5 - _shape_distance(rng, yy, xx), 0.0, 1.0)
-        shift = rng.integers(0, [h, w])
-        tex = np.roll(texture, tuple(shift), axis=(0, 1))
-        fill = rng.normal(0, 1.2) + gradient(0.7) + rng.uniform(0.1, 0.8) * tex
-        lum = lum + alpha * (fill - lum)
+        window, dist = _shape_distance(rng, h, w)
+        alpha = np.clip(0.5 - dist, 0.0, 1.0)
+        oy, ox = (int(o) for o in rng.integers(0, [h, w]))
+        ys, xs = window
+        tex = texture[oy + ys.start : oy + ys.stop, ox + xs.start : ox + xs.stop]
+        fill = rng.normal(0, 1.2) + gradient(0.7, window) + rng.uniform(0.1, 0.8) * tex
+        lum[window] += alpha * (fill - lum[window])
         if colour:
-            chroma = chroma + alpha * (rng.normal(0, 0.6) - chroma)
+            chroma[window] += alpha * (rng.normal(0, 0.6) - chroma[window])
     lum = (lum - lum.mean()) / lum.std()
     return lum, chroma, yn
 
@@ -353,6 +380,11 @@ class Population:
     def _filters(self) -> np.ndarray:
         return _gabor_bank(self)
 
+    def __getstate__(self):  # do not pickle the (large, recomputable) filter bank
+        state = dict(self.__dict__)
+        state.pop("_filters", None)
+        return state
+
     @property
     def n_neurons(self) -> int:
         return len(self.cell_motor_coordinates)
@@ -376,7 +408,8 @@ class Population:
         return np.exp(log_gain.astype(np.float32))
 
     def drive(self, images: np.ndarray, pupil_center: np.ndarray) -> np.ndarray:
-        """Raw stimulus drive g (T, n): linear Gabor output (simple) or quadrature energy (complex)."""
+        """Raw stimulus drive g (T, n): linear Gabor output (simple cells) or quadrature energy
+        (complex cells)."""
         x = _shift_images(_model_input(images), self.eye_shift(pupil_center))
         lin = x.reshape(len(x), -1) @ self._filters
         n = self.n_neurons
@@ -385,7 +418,9 @@ class Population:
         g[:, cidx] = np.sqrt(g[:, cidx] ** 2 + lin[:, n:] ** 2)
         return g
 
-    def rates(self, images: np.ndarray, behavior: np.ndarray, pupil_center: np.ndarray) -> np.ndarray:
+    def rates(
+        self, images: np.ndarray, behavior: np.ndarray, pupil_center: np.ndarray
+    ) -> np.ndarray:
         """Noise-free expected responses (T, n) float32 >= 0 for images (T, C, H, W) on 0-255."""
         z = (self.drive(images, pupil_center) - self.drive_mean) / self.drive_std
         r = _softplus(self.slope * (z - self.threshold))
@@ -409,6 +444,10 @@ class Population:
         zero = out <= 0.0
         out[zero] = rng.uniform(*TINY, size=int(zero.sum()))
         return out.astype(np.float32)
+
+
+def _f32(a) -> np.ndarray:
+    return np.asarray(a, dtype=np.float32)
 
 
 def _retinotopy(rng: np.random.Generator, xy: np.ndarray) -> np.ndarray:
@@ -461,10 +500,10 @@ def make_population(
         channel_weights = np.zeros((n, n_channels))
         channel_weights[:, 0], channel_weights[:, 1] = w_uv, w_green
 
-    m = rng.uniform(0.15, 0.3, size=(2, 2)) * np.array([[1.0, 0.0], [0.0, 1.0]])
-    m += rng.normal(0.0, 0.03, size=(2, 2)) * np.array([[0.0, 1.0], [1.0, 0.0]])
+    diagonal, cross = rng.uniform(0.15, 0.3, 2), rng.normal(0.0, 0.03, 2)
+    eye_matrix = np.array([[diagonal[0], cross[0]], [cross[1], diagonal[1]]])
 
-    f32 = lambda a: np.asarray(a, dtype=np.float32)  # noqa: E731
+    f32 = _f32
     pop = Population(
         cell_motor_coordinates=coords,
         rf_center=f32(rf_center),
@@ -483,7 +522,7 @@ def make_population(
         gain_running=f32(rng.normal(0.4, 0.3, n)),
         gain_pupil=f32(rng.normal(0.25, 0.2, n)),
         gain_pupil_derivative=f32(rng.normal(0.05, 0.05, n)),
-        eye_shift_matrix=m,
+        eye_shift_matrix=eye_matrix,
         eye_reference=np.array(EYE_REF),
         shared_gain_sd=f32(rng.uniform(0.05, 0.25, n)),
         private_gain_var=f32(np.zeros(n)),
@@ -491,8 +530,20 @@ def make_population(
         event_size=f32(np.ones(n)),
         target_reliability=f32(np.clip(rng.beta(8.5, 7.9, n), 0.15, 0.85)),
     )
+    return calibrate(pop, rng, image_shape, n_calibration)
 
-    # Calibration batch: fresh natural-like images, sampled behaviour.
+
+def calibrate(
+    pop: Population,
+    rng: np.random.Generator,
+    image_shape: tuple[int, int, int],
+    n_calibration: int = N_CALIBRATION,
+) -> Population:
+    """Set the drive normalisation (drive_mean, drive_std) and the noise parameters
+    (private_gain_var, event_size) of pop from a fresh calibration batch of natural-like images
+    with sampled behaviour, so each neuron's rate-response correlation is its target_reliability.
+    """
+    n, f32 = pop.n_neurons, _f32
     cal_seed = int(rng.integers(2**31))
     images = render_images(cal_seed, np.arange(n_calibration), tuple(image_shape))
     behavior, pupil = sample_behavior(rng, n_calibration)
@@ -518,8 +569,15 @@ def make_population(
     )
 
 
+_FILTER_FIELDS = {
+    "rf_center", "orientation", "spatial_frequency", "phase", "rf_sigma", "rf_aspect",
+    "is_complex", "channel_weights",
+}
+
+
 def _replace_keep_filters(pop: Population, **changes) -> Population:
-    """dataclasses.replace that reuses the cached filter bank (filters depend on no changed field)."""
+    """dataclasses.replace that reuses the cached filter bank (for non-filter fields only)."""
+    assert not set(changes) & _FILTER_FIELDS, "filter parameters changed: use dataclasses.replace"
     new = dataclasses.replace(pop, **changes)
     if "_filters" in pop.__dict__:
         new.__dict__["_filters"] = pop.__dict__["_filters"]

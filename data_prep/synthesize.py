@@ -58,11 +58,13 @@ class Preset:
   test_repeats: int
   competition: bool                   # first mouse = SENSORIUM (stimulus only), second = SENSORIUM+
   jitter: int = 0                     # per-mouse random change of the train count (real: 4466-4490)
+  calibration_images: int = 600       # images used to set each neuron's noise level
 
 
 PRESETS = {
     "tiny": Preset(mice=(("90001-1-1", 24), ("90002-2-3", 31), ("90003-4-5", 17)), train=40,
-                   validation=12, test_images=6, test_repeats=3, competition=False),
+                   validation=12, test_images=6, test_repeats=3, competition=False,
+                   calibration_images=120),
     "demo": Preset(mice=(("91001-1-1", 220), ("91002-2-3", 260), ("91003-4-5", 300)), train=2400,
                    validation=300, test_images=100, test_repeats=10, competition=False),
     "sensorium": Preset(mice=SENSORIUM_MICE, train=4472, validation=522, test_images=100,
@@ -218,7 +220,8 @@ def write_mouse(out_dir: str, spec: MouseSpec, preset: Preset, seed: int, color:
   plan = plan_trials(seed, spec.index, preset, spec.n_train, spec.n_val, spec.competition)
   n = plan.tiers.size
   population = simulate.make_population(
-      np.random.default_rng([seed, spec.index, 1]), spec.neurons, image_shape)
+      np.random.default_rng([seed, spec.index, 1]), spec.neurons, image_shape,
+      n_calibration=preset.calibration_images)
 
   tmp_path = zip_path + ".partial"
   tree = ZipTree(tmp_path, stem)

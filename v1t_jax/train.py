@@ -1,0 +1,391 @@
+"""Training and evaluation: one jitted step over a device mesh, orbax checkpoints, plateau rule.
+
+State is a plain dict {params, buffers, opt_state, step} of the split NNX model, replicated over
+the `data` mesh axis; batches `[M, B, ...]` are sharded on B. One optimizer update per stacked
+batch reproduces the original's "accumulate one batch of every mouse, then step" (§8.2).
+After every epoch the validation single-trial correlation drives the original's plateau rule
+(§8.4), checkpoints go to `<workdir>/checkpoints` (latest, every epoch and every
+`checkpoint_every_steps`) and `<workdir>/best` (best validation correlation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from v1t_jax import dataset_meta, losses, metrics
+from v1t_jax.model import V1T, ModelConfig
+from v1t_jax.plateau import Action, Plateau
+
+MODEL_INPUTS = ("image", "behavior", "pupil_center", "responses", "valid")
+
+
+# ---------------------------------------------------------------------------------------------
+# Model, optimizer and state.
+
+
+def padded(rows: Sequence[np.ndarray], n_max: int, width: int | None = None) -> np.ndarray:
+  """Stack per-mouse arrays of different lengths, zero-padded to n_max rows."""
+  shape = (len(rows), n_max) + (() if width is None else (width,))
+  out = np.zeros(shape, np.float32)
+  for m, r in enumerate(rows):
+    out[m, : len(r)] = r
+  return out
+
+
+def model_config(config) -> ModelConfig:
+  values = dict(config.model.items())
+  if config.train.pretrain_core:   # a frozen core contributes nothing to the regulariser (§7)
+    values["core_reg_scale"] = 0.0
+  return ModelConfig.from_config(values)
+
+
+def build_model(config, mice: Sequence[dataset_meta.MouseMeta], image_hwc, seed: int) -> V1T:
+  counts = [m.num_neurons for m in mice]
+  n_max = max(counts)
+  return V1T(
+      model_config(config), neuron_counts=counts,
+      coordinates=padded([m.coordinates for m in mice], n_max, 3),
+      image_shape=tuple(image_hwc),
+      response_mean=padded([m.stat("responses", "mean") for m in mice], n_max),
+      response_std=padded([m.stat("responses", "std") for m in mice], n_max),
+      rngs=nnx.Rngs(params=seed))
+
+
+def make_optimizer(train_cfg) -> optax.GradientTransformation:
+  """Adam with the original's betas and eps, no weight decay, no clipping (§8.1), at unit lr.
+
+  The learning rates are applied per parameter group by `scale_updates` (the core may have its
+  own lr, or 0 when frozen), times the plateau rule's factor: Adam's update is linear in the lr,
+  so this equals one Adam per group, without optax masks in the state.
+  """
+  return optax.adam(1.0, b1=train_cfg.adam_beta1, b2=train_cfg.adam_beta2, eps=train_cfg.adam_eps)
+
+
+def scale_updates(updates, lr_scale, *, lr: float, core_lr: float):
+  """Multiply each update by its group's learning rate ('core' vs readouts and shifters)."""
+  def scale(path, u):
+    group_lr = core_lr if getattr(path[0], "key", None) == "core" else lr
+    return u * (group_lr * lr_scale)
+  return jax.tree_util.tree_map_with_path(scale, updates)
+
+
+def group_lrs(train_cfg) -> dict:
+  core = 0.0 if train_cfg.pretrain_core else (train_cfg.core_lr or train_cfg.lr)
+  return {"lr": float(train_cfg.lr), "core_lr": float(core)}
+
+
+def split_model(model: V1T):
+  graphdef, params, buffers = nnx.split(model, nnx.Param, ...)
+  return graphdef, params, buffers
+
+
+def new_state(model: V1T, tx: optax.GradientTransformation) -> dict:
+  _, params, buffers = split_model(model)
+  # Strong dtypes everywhere: a weakly typed init (e.g. jnp.full(..., 1 / C)) would come back
+  # strongly typed from the first step and force a second compilation.
+  params, buffers = jax.tree.map(lambda x: jax.lax.convert_element_type(x, x.dtype), (params, buffers))
+  return {"params": params, "buffers": buffers, "opt_state": tx.init(params),
+          "step": jnp.zeros((), jnp.int32)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps (module-level pure functions, jitted once with explicit shardings).
+
+
+def train_step(state, batch, key, lr_scale, *, graphdef, tx, n_train, lrs):
+  """One optimizer update on a [M, B, ...] batch; returns the new state and per-mouse losses."""
+  def loss_fn(model):
+    return losses.objective(model, batch, n_train, train=True, key=key)
+
+  model = nnx.merge(graphdef, state["params"], state["buffers"])
+  # nnx.value_and_grad differentiates the Params only and keeps the buffers at their trace level
+  # (a plain jax.grad over a re-merged model mixes trace levels inside the readouts' nnx.vmap).
+  (total, aux), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  updates = scale_updates(updates, lr_scale, **lrs)   # group lr x the plateau rule's factor
+  new = dict(state, params=optax.apply_updates(state["params"], updates), opt_state=opt_state,
+             step=state["step"] + 1)
+  return new, {"loss": total, "poisson": aux["poisson"], "reg": aux["reg"]}
+
+
+def eval_step(params, buffers, batch, *, graphdef, n_train):
+  """Eval-mode losses and correlation sums of one batch (padding rows masked)."""
+  model = nnx.merge(graphdef, params, buffers)
+  _, aux = losses.objective(model, batch, n_train, train=False)
+  return {"poisson": aux["poisson"],
+          "corr_sums": metrics.correlation_sums(aux["pred"], batch["responses"], batch["valid"])}
+
+
+@dataclasses.dataclass
+class Trainer:
+  """The jitted steps of one run plus what they need from the data (no config globals)."""
+  config: object
+  mice: list
+  mesh: jax.sharding.Mesh
+  image_hwc: tuple
+
+  def __post_init__(self):
+    self.names = [m.name for m in self.mice]
+    self.neuron_counts = [m.num_neurons for m in self.mice]
+    limit = self.config.data.limit_data
+    self.n_train = tuple(float(min(m.tier_size("train"), limit) if limit else m.tier_size("train"))
+                         for m in self.mice)
+    self.tx = make_optimizer(self.config.train)
+    self.repl = NamedSharding(self.mesh, P())
+    self.batch_sharding = NamedSharding(self.mesh, P(None, "data"))
+    abstract = nnx.eval_shape(lambda: build_model(self.config, self.mice, self.image_hwc, 0))
+    self.graphdef = split_model(abstract)[0]
+    self.abstract_state = jax.eval_shape(
+        lambda: new_state(build_model(self.config, self.mice, self.image_hwc, 0), self.tx))
+    self.state_sharding = jax.tree.map(lambda _: self.repl, self.abstract_state)
+    self.train_step = jax.jit(
+        functools.partial(train_step, graphdef=self.graphdef, tx=self.tx, n_train=self.n_train,
+                          lrs=group_lrs(self.config.train)),
+        in_shardings=(self.state_sharding, self.batch_sharding, self.repl, self.repl),
+        out_shardings=(self.state_sharding, self.repl), donate_argnums=(0,))
+    self.eval_step = jax.jit(
+        functools.partial(eval_step, graphdef=self.graphdef, n_train=self.n_train),
+        in_shardings=(self.state_sharding["params"], self.state_sharding["buffers"],
+                      self.batch_sharding), out_shardings=self.repl)
+
+  def init_state(self, seed: int) -> dict:
+    """The initial state, created directly with its sharding (nothing to donate by accident)."""
+    make = lambda: new_state(build_model(self.config, self.mice, self.image_hwc, seed), self.tx)
+    return jax.jit(make, out_shardings=self.state_sharding)()
+
+  def device_batch(self, batch: dict) -> dict:
+    """This process's rows -> global arrays sharded on the batch axis."""
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(batch[k]))
+            for k in MODEL_INPUTS}
+
+  def evaluate(self, state: dict, tier: str) -> dict:
+    """Single-trial correlation (per neuron over the whole tier) and Poisson loss per mouse."""
+    from v1t_jax import input_pipeline   # TensorFlow only where data is read
+    ds, _ = input_pipeline.eval_dataset(self.mice, tier, self.config.data)
+    outs = [self.eval_step(state["params"], state["buffers"], self.device_batch(b))
+            for b in input_pipeline.as_numpy(ds)]
+    corr_sums = sum(np.asarray(o["corr_sums"], np.float64) for o in outs)
+    poisson = sum(np.asarray(o["poisson"], np.float64) for o in outs)
+    per_mouse, mean = metrics.mean_correlation(corr_sums, self.neuron_counts)
+    return {"single_trial_correlation": dict(zip(self.names, per_mouse.tolist())),
+            "single_trial_correlation_average": mean,
+            "poisson_loss": dict(zip(self.names, (poisson / max(len(outs), 1)).tolist()))}
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints.
+
+
+def checkpoint_managers(workdir: str):
+  options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
+  latest = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                                 options=options)
+  best = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "best"),
+                               options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+  return latest, best
+
+
+def save(manager: ocp.CheckpointManager, state: dict, meta: dict):
+  manager.save(int(meta["step"]), args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+
+
+def restore(manager: ocp.CheckpointManager, trainer: Trainer, step: int | None = None):
+  step = manager.latest_step() if step is None else step
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        trainer.abstract_state, trainer.state_sharding)
+  r = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+  return r.state, r.meta
+
+
+# ---------------------------------------------------------------------------------------------
+# Loops.
+
+
+def make_mesh() -> jax.sharding.Mesh:
+  return jax.make_mesh((jax.device_count(),), ("data",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def setup(config):
+  from v1t_jax import input_pipeline
+  mice = dataset_meta.resolve_mice(config.data.data_dir, tuple(config.data.mice))
+  reader = input_pipeline.readers(mice[:1], config.data)[0]
+  return Trainer(config, mice, make_mesh(), reader.output_hwc)
+
+
+def _scalars(prefix: str, result: dict) -> dict:
+  out = {}
+  for key, value in result.items():
+    if isinstance(value, dict):
+      out.update({f"{prefix}/{key}/{mouse}": v for mouse, v in value.items()})
+      out[f"{prefix}/{key}/average"] = float(np.mean(list(value.values())))
+    else:
+      out[f"{prefix}/{key}"] = value
+  return out
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains (resuming from workdir when it holds a checkpoint), then evaluates the best state."""
+  from clu import metric_writers, periodic_actions
+  from v1t_jax import input_pipeline
+
+  trainer = setup(config)
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  latest, best = checkpoint_managers(workdir)
+  steps_per_epoch = input_pipeline.steps_per_epoch(trainer.mice, config.data.batch_size,
+                                                  config.data.limit_data)
+  if config.train.max_steps_per_epoch:
+    steps_per_epoch = min(steps_per_epoch, config.train.max_steps_per_epoch)
+  plateau = Plateau(config.train.lr_patience, config.train.lr_factor, config.train.max_reduce)
+  start_epoch = 0
+  if latest.latest_step() is not None:
+    state, meta = restore(latest, trainer)
+    plateau = Plateau.from_state(meta["plateau"])
+    start_epoch = meta["epoch"]
+    _say(f"resumed from step {meta['step']} (epoch {start_epoch}) in {workdir}")
+  else:
+    state = trainer.init_state(config.seed)
+    writer.write_hparams({k: v for k, v in _flat(config).items()
+                          if isinstance(v, (int, float, str, bool))})
+  key = jax.random.key(config.seed)
+  train_iter = iter(input_pipeline.as_numpy(input_pipeline.train_dataset(
+      trainer.mice, config.data)))
+  total_steps = config.train.num_epochs * steps_per_epoch
+  report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
+                                           every_steps=config.train.log_every_steps)
+  step = int(state["step"])
+  stop_reason = "max epochs"
+  with metric_writers.ensure_flushes(writer):
+    for epoch in range(start_epoch, config.train.num_epochs):
+      lr_scale = jnp.float32(plateau.lr_scale)
+      outs = []
+      for _ in range(steps_per_epoch):
+        batch = trainer.device_batch(next(train_iter))
+        state, out = trainer.train_step(state, batch, jax.random.fold_in(key, step), lr_scale)
+        outs.append(out)
+        step += 1
+        report(step)
+        if config.train.checkpoint_every_steps and step % config.train.checkpoint_every_steps == 0:
+          save(latest, state, _meta(step, epoch, plateau))
+      train = {k: np.mean([np.asarray(o[k]) for o in outs], axis=0) for k in outs[0]}
+      if not np.isfinite(train["loss"]):
+        stop_reason = (f"NaN/inf training loss in epoch {epoch}; stopped without saving it, the "
+                       f"last good checkpoint is in {workdir}")
+        _say(stop_reason)
+        break
+      with report.timed("eval"):
+        val = trainer.evaluate(state, "validation")
+      action = plateau.update(epoch, val["single_trial_correlation_average"])
+      scalars = {"train/loss": float(train["loss"]),
+                 "train/poisson": float(train["poisson"].mean()),
+                 "train/reg": float(train["reg"].mean()),
+                 "train/lr": config.train.lr * plateau.lr_scale, "epoch": epoch}
+      scalars.update({f"train/poisson/{n}": float(v) for n, v in zip(trainer.names, train["poisson"])})
+      scalars.update(_scalars("val", val))
+      writer.write_scalars(step, scalars)
+      _say(f"epoch {epoch + 1}/{config.train.num_epochs} step {step}: train loss "
+           f"{scalars['train/loss']:.1f}, val corr {val['single_trial_correlation_average']:.4f} "
+           f"({action.value}, lr x{plateau.lr_scale:g})")
+      if not np.isfinite(val["single_trial_correlation_average"]):
+        stop_reason = f"NaN validation correlation in epoch {epoch}"
+        break
+      save(latest, state, _meta(step, epoch + 1, plateau))
+      if action is Action.IMPROVED:
+        save(best, state, _meta(step, epoch + 1, plateau, val=val))
+      elif action is Action.REDUCE:
+        # Reload the best weights, keep the optimizer moments (the original's scheduler).
+        best.wait_until_finished()
+        best_state, _ = restore(best, trainer)
+        state = dict(state, params=best_state["params"])
+      elif action is Action.STOP:
+        stop_reason = f"no improvement after {plateau.max_reduce} learning-rate reductions"
+        break
+    latest.wait_until_finished()
+    best.wait_until_finished()
+    _say(f"training stopped: {stop_reason}")
+    result = evaluate_best(trainer, best, workdir, writer, step)
+  result["stop_reason"] = stop_reason
+  latest.close()
+  best.close()
+  return result
+
+
+def _say(message: str):
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
+def _meta(step: int, epoch: int, plateau: Plateau, val: dict | None = None) -> dict:
+  meta = {"step": step, "epoch": epoch, "plateau": plateau.state()}
+  if val is not None:
+    meta["validation"] = val
+  return meta
+
+
+def _flat(config, prefix: str = "") -> dict:
+  out = {}
+  for k, v in config.items():
+    if hasattr(v, "items"):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def evaluable_test_mice(trainer: Trainer) -> list[int]:
+  """Mice whose test responses are not withheld (hashed trial ids mark competition mice)."""
+  return [i for i, m in enumerate(trainer.mice)
+          if m.tier_size("test") and not m.info.get("trial_idx_hashed")]
+
+
+def evaluate_best(trainer: Trainer, best: ocp.CheckpointManager, workdir: str, writer=None,
+                  step: int = 0, checkpoint_step: int | None = None) -> dict:
+  """Evaluates the best (or a given) checkpoint on validation and test; writes evaluation.json."""
+  if best.latest_step() is None:
+    raise FileNotFoundError(f"{workdir}: no checkpoint to evaluate (expected {workdir}/best)")
+  state, meta = restore(best, trainer, checkpoint_step)
+  result = {"checkpoint_step": int(meta["step"]), "epoch": int(meta["epoch"]),
+            "validation": trainer.evaluate(state, "validation")}
+  keep = evaluable_test_mice(trainer)
+  if keep:
+    test = trainer.evaluate(state, "test")
+    names = [trainer.names[i] for i in keep]
+    test = {k: ({n: v[n] for n in names} if isinstance(v, dict) else v) for k, v in test.items()}
+    test["single_trial_correlation_average"] = float(
+        np.mean(list(test["single_trial_correlation"].values())))
+    result["test"] = test
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "evaluation.json"), "w") as f:
+      json.dump(result, f, indent=1)
+    if writer is not None:
+      scalars = _scalars("final_val", result["validation"])
+      if "test" in result:
+        scalars.update(_scalars("test", result["test"]))
+      writer.write_scalars(step, scalars)
+  return result
+
+
+def evaluate_checkpoint(config, workdir: str) -> dict:
+  """`--mode=evaluate`: the best checkpoint, or `config.eval.step` of the latest ones."""
+  trainer = setup(config)
+  latest, best = checkpoint_managers(workdir)
+  manager, step = (best, None) if config.eval.step is None else (latest, config.eval.step)
+  result = evaluate_best(trainer, manager, workdir, checkpoint_step=step)
+  latest.close()
+  best.close()
+  return result

@@ -60,8 +60,10 @@ def model_config() -> ml_collections.ConfigDict:
   m.shifter_reg_scale = 0.0
   m.ds_scale = True                    # scale each mouse's loss by sqrt(N_train / batch)
   # Accelerator path.
-  m.compute_dtype = "float32"          # "bfloat16": bf16 matmuls with float32 accumulation
-  m.attention = "reference"            # "fused": jax.nn.dot_product_attention
+  m.compute_dtype = "float32"          # "bfloat16": bf16 matmul operands, float32 accumulation
+  # "fused": jax.nn.dot_product_attention; falls back to "reference" while attention dropout
+  # is active (training with t_dropout > 0) or when attention probabilities are requested.
+  m.attention = "reference"
   return m
 
 

@@ -1,5 +1,6 @@
-"""V1T model: config validation, parameter counts, image stage, golden values, bf16 / fused paths."""
+"""V1T model: config validation, parameter counts, image stage, golden values, bf16 / fused."""
 
+import contextlib
 import dataclasses
 
 import jax
@@ -18,7 +19,7 @@ TINY = dict(patch_size=4, patch_stride=4, emb_dim=8, num_heads=2, num_blocks=2, 
 
 @pytest.fixture(autouse=True, scope="module")
 def _fast_compiles():
-  """Tiny programs: XLA's optimisation passes cost more than they save (set for this module only)."""
+  """Tiny programs: XLA's optimisation passes cost more than they save (this module only)."""
   jax.config.update("jax_disable_most_optimizations", True)
   yield
   jax.config.update("jax_disable_most_optimizations", False)
@@ -38,9 +39,18 @@ def tiny_inputs(mice=2, batch=3):
           jnp.asarray(rng.normal(size=(mice, batch, 2)), jnp.float32))
 
 
-@nnx.jit(static_argnames=("train",))
-def forward(model, inputs, key, train):
-  return model(*inputs, train=train, key=key)[0]
+@nnx.jit(static_argnames=("train", "attention"))
+def forward(model, inputs, key, train, attention=False):
+  """Full float32 matmuls for float32 models (parity), the default precision for bf16 ones."""
+  exact = model.config.compute_dtype == "float32"
+  with jax.default_matmul_precision("float32") if exact else contextlib.nullcontext():
+    pred, aux = model(*inputs, train=train, key=key, return_attention=attention)
+  return (pred, aux) if attention else pred
+
+
+def reference_pred(model, inputs):
+  """Eval prediction through the program that also returns the attention (compiled once)."""
+  return np.asarray(forward(model, inputs, None, False, True)[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,7 +133,7 @@ def reference_model():
 
 
 # Produced once with this file's tiny_model() / tiny_inputs() (jax 0.10.2, flax 0.12.8, CPU,
-# threefry keys) by printing forward(...) under default_matmul_precision("float32"). They pin
+# threefry keys) by printing the two predictions below (float32 matmul precision). They pin
 # init order, layouts and maths: a change here means the model's numbers changed.
 GOLDEN_EVAL_MOUSE0_TRIAL0 = [0.6533743, 0.6156061, 1.1586458]
 GOLDEN_EVAL_MOUSE1_TRIAL2 = [0.7590753, 1.1049393, 0.8256504, 0.9433693, 0.7666794]
@@ -132,19 +142,24 @@ GOLDEN_TRAIN_SUM = 18.755611  # key(7): sum over mice, trials and real neurons
 
 def test_golden_forward_values(reference_model):
   inputs = tiny_inputs()
-  with jax.default_matmul_precision("float32"):
-    pred = np.asarray(forward(reference_model, inputs, None, False))
-    train = np.asarray(forward(reference_model, inputs, jax.random.key(7), True))
+  pred = reference_pred(reference_model, inputs)
+  train = np.asarray(forward(reference_model, inputs, jax.random.key(7), True))
   np.testing.assert_allclose(pred[0, 0, :3], GOLDEN_EVAL_MOUSE0_TRIAL0, rtol=1e-5)
   np.testing.assert_allclose(pred[1, 2], GOLDEN_EVAL_MOUSE1_TRIAL2, rtol=1e-5)
   np.testing.assert_allclose(train.sum(where=reference_model.neuron_mask[:, None, :]),
                              GOLDEN_TRAIN_SUM, rtol=1e-5)
 
 
+def test_state_is_strongly_typed_float32(reference_model):
+  """Weakly typed init leaves would come back strong from a train step and force a recompile."""
+  for path, var in nnx.to_flat_state(nnx.state(reference_model)):
+    value = var.get_value()
+    assert value.dtype == jnp.float32 and not value.weak_type, path
+
+
 def test_forward_outputs_and_randomness(reference_model):
   inputs = tiny_inputs()
-  run = nnx.jit(lambda model, inputs: model(*inputs, train=False, return_attention=True))
-  pred, aux = run(reference_model, inputs)
+  pred, aux = forward(reference_model, inputs, None, False, True)
   assert pred.shape == (2, 3, 5) and np.all(pred > 0)
   np.testing.assert_allclose(pred, jax.nn.elu(aux["pre_activation"]) + 1, rtol=1e-6)
   assert aux["shift"].shape == (2, 3, 2)
@@ -160,18 +175,23 @@ def test_forward_outputs_and_randomness(reference_model):
 
 
 def test_behavior_modes_route_behavior():
-  """Eager calls: the op caches of the session serve every mode, no per-model compile."""
   image, behavior, pupil = tiny_inputs()
-  for mode, changes in [(0, False), (1, True), (2, True), (3, True), (4, True)]:
-    model = tiny_model(behavior_mode=mode, shift_mode=0)
-    moved = not np.allclose(model(image, behavior, pupil, train=False)[0],
-                            model(image, behavior + 1.0, pupil, train=False)[0])
-    assert moved == changes, mode
-    if mode == 1:  # the 3 behaviour values are tiled as extra channels: 1 + 3 input channels
-      assert model.core.patch_embedding.projection.kernel.shape == (4 * 4 * 4, 8)
-    if mode == 2:  # modes 0-2 ignore the pupil centre unless a shifter uses it
-      np.testing.assert_array_equal(model(image, behavior, pupil, train=False)[0],
-                                    model(image, behavior, pupil + 1.0, train=False)[0])
+  modes = {mode: tiny_model(behavior_mode=mode) for mode in range(5)}
+  assert all(block.bmlp is None for mode in (0, 1) for block in modes[mode].core.blocks)
+  # B-MLP inputs: behaviour alone (mode 2), behaviour ++ pupil centre (modes 3, 4).
+  np.testing.assert_array_equal(modes[2].behavior_features(behavior, pupil), behavior)
+  for mode in (3, 4):
+    np.testing.assert_array_equal(modes[mode].behavior_features(behavior, pupil),
+                                  np.concatenate([behavior, pupil], -1))
+  assert modes[3].core.blocks[0].bmlp.fc1.kernel.shape == (5, 4)
+  assert modes[4].core.blocks[1].bmlp.fc1.kernel.shape == (2, 5, 4)  # one per mouse
+  # Mode 1: the behaviour values tiled as 3 extra channels, so the core sees 1 + 3 channels.
+  tiled = np.asarray(v1t_model.tile_behavior(image, behavior))
+  np.testing.assert_array_equal(tiled[..., :1], image)
+  np.testing.assert_array_equal(tiled[1, 2, 5, 7, 1:], behavior[1, 2])
+  assert modes[1].core.patch_embedding.projection.kernel.shape == (4 * 4 * 4, 8)
+  moved = forward(modes[1], (image, behavior + 1.0, pupil), None, False)
+  assert not np.allclose(forward(modes[1], (image, behavior, pupil), None, False), moved)
   assert tiny_model(shift_mode=0).shifters is None
 
 
@@ -186,19 +206,14 @@ def accelerated(reference, **paths):
 def test_fused_attention_matches_reference(reference_model):
   inputs = tiny_inputs()
   fused = accelerated(reference_model, attention="fused")
-  with jax.default_matmul_precision("float32"):
-    np.testing.assert_allclose(forward(fused, inputs, None, False),
-                               forward(reference_model, inputs, None, False), rtol=1e-5)
-    # Training with attention dropout falls back to the reference path: identical numbers.
-    np.testing.assert_array_equal(forward(fused, inputs, jax.random.key(3), True),
-                                  forward(reference_model, inputs, jax.random.key(3), True))
+  np.testing.assert_allclose(forward(fused, inputs, None, False),
+                             reference_pred(reference_model, inputs), rtol=1e-5)
 
 
 def test_bfloat16_path_within_tolerance_of_float32(reference_model):
   """bf16 operands (8 significant bits) with f32 accumulation: pred within 1e-2 of f32."""
   inputs = tiny_inputs()
-  with jax.default_matmul_precision("float32"):
-    expected = np.asarray(forward(reference_model, inputs, None, False))
+  expected = reference_pred(reference_model, inputs)
   for paths in ({"compute_dtype": "bfloat16"},
                 {"compute_dtype": "bfloat16", "attention": "fused"}):
     model = accelerated(reference_model, **paths)

@@ -11,7 +11,7 @@ from v1t_jax import readout, vit
 
 @pytest.fixture(autouse=True, scope="module")
 def _fast_compiles():
-  """Tiny programs: XLA's optimisation passes cost more than they save (set for this module only)."""
+  """Tiny programs: XLA's optimisation passes cost more than they save (this module only)."""
   jax.config.update("jax_disable_most_optimizations", True)
   yield
   jax.config.update("jax_disable_most_optimizations", False)

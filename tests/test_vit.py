@@ -11,7 +11,7 @@ from v1t_jax import vit
 
 @pytest.fixture(autouse=True, scope="module")
 def _fast_compiles():
-  """Tiny programs: XLA's optimisation passes cost more than they save (set for this module only)."""
+  """Tiny programs: XLA's optimisation passes cost more than they save (this module only)."""
   jax.config.update("jax_disable_most_optimizations", True)
   yield
   jax.config.update("jax_disable_most_optimizations", False)
@@ -146,6 +146,15 @@ def test_attention_matches_numpy_reference(use_lsa, fused):
         np.asarray(attn.projection.bias[...]), heads, lsa_scale)
   assert probs is None
   np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_attention_falls_back_when_probabilities_drop_out():
+  kwargs = dict(t_dropout=0.5, use_lsa=False, use_bias=True, compute_dtype="float32")
+  fused = vit.Attention(6, 2, fused=True, rngs=nnx.Rngs(0), **kwargs)
+  reference = vit.Attention(6, 2, fused=False, rngs=nnx.Rngs(0), **kwargs)
+  t = jax.random.normal(jax.random.key(0), (2, 5, 6))
+  key = jax.random.key(1)
+  np.testing.assert_array_equal(fused(t, key=key)[0], reference(t, key=key)[0])
 
 
 def test_attention_probabilities_and_lsa_diagonal():

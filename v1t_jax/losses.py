@@ -20,7 +20,9 @@ from v1t_jax.model import V1T
 POISSON_EPS = float(np.finfo(np.float32).eps)  # 1.1920929e-07, added to prediction AND target
 
 
-def poisson_loss(pred_MxBxN: jax.Array, target_MxBxN: jax.Array, mask_MxBxN: jax.Array) -> jax.Array:
+def poisson_loss(
+    pred_MxBxN: jax.Array, target_MxBxN: jax.Array, mask_MxBxN: jax.Array
+) -> jax.Array:
   """[M] sum over masked-in trials and neurons of (p + eps) - (y + eps) log(p + eps)."""
   pred, target = pred_MxBxN + POISSON_EPS, target_MxBxN + POISSON_EPS
   # where (not a product with the mask) keeps padded entries out of the values and gradients.

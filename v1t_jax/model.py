@@ -1,4 +1,4 @@
-"""The V1T model (model_spec.md §1): shared ViT core, per-mouse shifters and Gaussian readouts, ELU+1.
+"""The V1T model (model_spec.md §1): shared ViT core, per-mouse shifters and readouts, ELU+1.
 
 A batch has a leading mouse axis: image [M, B, H, W, C] (channels-last, already cropped and
 resized by the pipeline), behavior [M, B, 3], pupil_center [M, B, 2]. The core runs once on the
@@ -72,7 +72,9 @@ class ModelConfig:
   shifter_reg_scale: float = 0.0
   ds_scale: bool = True
   compute_dtype: str = "float32"  # or "bfloat16": bf16 matmul operands, f32 accumulation
-  attention: str = "reference"  # or "fused": jax.nn.dot_product_attention
+  # "fused": jax.nn.dot_product_attention; the reference path still runs when attention dropout
+  # is active (training with t_dropout > 0) or probabilities are requested (see vit.Attention).
+  attention: str = "reference"
 
   def __post_init__(self):
     for name, allowed in ALLOWED.items():
@@ -112,6 +114,13 @@ def crop_resize(
       images_NxHxWxC.shape[-3:-1], center_crop, None if out_hw is None else tuple(out_hw))
   return jnp.einsum("ih,...hwc,jw->...ijc", a_y, images_NxHxWxC, a_x,
                     precision=jax.lax.Precision.HIGHEST)
+
+
+def tile_behavior(image_MxBxHxWxC: jax.Array, behavior_MxBx3: jax.Array) -> jax.Array:
+  """behavior_mode 1: the 3 behaviour values as constant extra channels after the image's own."""
+  tiles = jnp.broadcast_to(behavior_MxBx3[:, :, None, None, :],
+                           image_MxBxHxWxC.shape[:4] + behavior_MxBx3.shape[-1:])
+  return jnp.concatenate([image_MxBxHxWxC, tiles], axis=-1)
 
 
 class V1T(nnx.Module):
@@ -199,10 +208,8 @@ class V1T(nnx.Module):
       raise ValueError("train=True needs a PRNG key")
     core_key, readout_key = vit.split_key(key if train else None, 2)
     mice = image_MxBxHxWxC.shape[0]
-    if self.config.behavior_mode == 1:  # tiled after the resize, after the image channels
-      tiles = jnp.broadcast_to(behavior_MxBx3[:, :, None, None, :],
-                               image_MxBxHxWxC.shape[:4] + (NUM_BEHAVIOR,))
-      image_MxBxHxWxC = jnp.concatenate([image_MxBxHxWxC, tiles], axis=-1)
+    if self.config.behavior_mode == 1:  # after the resize, as in the original
+      image_MxBxHxWxC = tile_behavior(image_MxBxHxWxC, behavior_MxBx3)
     behavior = None
     if self.config.behavior_dim:
       behavior = self.behavior_features(behavior_MxBx3, pupil_center_MxBx2)

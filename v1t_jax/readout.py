@@ -123,7 +123,8 @@ class Gaussian2d(nnx.Module):
   ):
     """source_grid None = `disable_grid_predictor` (a free mu)."""
     num_neurons = bias_N.shape[0]
-    self.features = nnx.Param(jnp.full((num_neurons, num_channels), 1.0 / num_channels))
+    self.features = nnx.Param(
+        jnp.full((num_neurons, num_channels), 1.0 / num_channels, jnp.float32))
     self.sigma = nnx.Param(
         vit.symmetric_uniform(init_sigma)(rngs.params(), (num_neurons, 2, 2)))
     self.bias = nnx.Param(jnp.asarray(bias_N, jnp.float32))
@@ -142,7 +143,7 @@ class Gaussian2d(nnx.Module):
     return self.grid_predictor(self.source_grid[...])
 
   def positions(self, batch: int, key: jax.Array | None) -> jax.Array:
-    """[B, N, 2]: clamp(mu + sigma z, -1, 1), z ~ N(0, I) per image and neuron; clamp(mu) if key None.
+    """[B, N, 2]: clamp(mu + sigma z, -1, 1), z ~ N(0, I) per image and neuron; key None: clamp(mu).
 
     Clipping in the forward pass matches the original: its in-place clamp of mu has no lasting
     effect (mu is recomputed every call) and the clamp of the sampled position is what counts.

@@ -16,7 +16,7 @@ HIDDEN = 5  # the original's MLPShifter: 2 -> 5 -> 5 -> 2
 
 
 class CoreShifter(nnx.Module):
-  """Linear(2->5), tanh, Linear(5->5), tanh, Linear(5->2), tanh; PyTorch default init (57 params)."""
+  """Linear(2->5), tanh, Linear(5->5), tanh, Linear(5->2), tanh; PyTorch default init, 57 params."""
 
   def __init__(self, *, rngs: nnx.Rngs):
     self.fc1 = vit.torch_linear(2, HIDDEN, rngs=rngs)

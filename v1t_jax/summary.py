@@ -33,7 +33,6 @@ def abstract_model(
 ) -> v1t_model.V1T:
   """The model with ShapeDtypeStruct leaves (no parameter memory, no data)."""
   coordinates = np.zeros((len(neuron_counts), max(neuron_counts), 3), np.float32)
-  coordinates[:, 0, :] = 1.0  # any non-constant coordinates keep the grid normalisation finite
   return nnx.eval_shape(lambda: v1t_model.V1T(
       config, neuron_counts=neuron_counts, coordinates=coordinates, image_shape=image_shape,
       response_mean=np.zeros(coordinates.shape[:2], np.float32),

@@ -223,6 +223,10 @@ def make_mesh() -> jax.sharding.Mesh:
 
 def setup(config):
   from v1t_jax import input_pipeline
+  if config.train.pretrain_core:
+    raise NotImplementedError(
+        "train.pretrain_core: loading and freezing a pretrained core is not implemented yet; "
+        "train the whole model (leave train.pretrain_core empty)")
   mice = dataset_meta.resolve_mice(config.data.data_dir, tuple(config.data.mice))
   reader = input_pipeline.readers(mice[:1], config.data)[0]
   return Trainer(config, mice, make_mesh(), reader.output_hwc)
@@ -274,13 +278,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
     for epoch in range(start_epoch, config.train.num_epochs):
       lr_scale = jnp.float32(plateau.lr_scale)
       outs = []
-      for _ in range(steps_per_epoch):
+      for i in range(steps_per_epoch):
         batch = trainer.device_batch(next(train_iter))
         state, out = trainer.train_step(state, batch, jax.random.fold_in(key, step), lr_scale)
         outs.append(out)
         step += 1
         report(step)
-        if config.train.checkpoint_every_steps and step % config.train.checkpoint_every_steps == 0:
+        every = config.train.checkpoint_every_steps
+        if every and step % every == 0 and i < steps_per_epoch - 1:   # epoch ends save below
           save(latest, state, _meta(step, epoch, plateau))
       train = {k: np.mean([np.asarray(o[k]) for o in outs], axis=0) for k in outs[0]}
       if not np.isfinite(train["loss"]):
@@ -318,6 +323,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     latest.wait_until_finished()
     best.wait_until_finished()
     _say(f"training stopped: {stop_reason}")
+    if best.latest_step() is None:
+      raise RuntimeError(f"training stopped before any epoch finished well: {stop_reason}")
     result = evaluate_best(trainer, best, workdir, writer, step)
   result["stop_reason"] = stop_reason
   latest.close()

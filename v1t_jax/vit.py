@@ -23,7 +23,7 @@ from flax import nnx
 Initializer = Callable[..., jax.Array]
 
 LAYER_NORM_EPS = 1e-5  # PyTorch's default; Flax's is 1e-6 (model_spec.md §14.1)
-TRANSFORMER_INIT_STD = 0.02  # trunc_normal_(std=0.02, a=-2, b=2): bounds at ±100σ, so plain normal
+TRANSFORMER_INIT_STD = 0.02  # trunc_normal_(std=.02, a=-2, b=2): bounds at ±100σ = plain normal
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -36,7 +36,7 @@ class Buffer(nnx.Variable):
 
 
 def symmetric_uniform(bound: float) -> Initializer:
-  """U(-bound, bound), the distribution of PyTorch's default Linear/Conv init with bound 1/sqrt(fan_in)."""
+  """U(-bound, bound): PyTorch's default Linear/Conv init when bound = 1/sqrt(fan_in)."""
 
   def init(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
@@ -150,8 +150,14 @@ def stack_per_mouse(make: Callable[..., nnx.Module], num_mice: int, rngs: nnx.Rn
 
 
 def apply_per_mouse(module: nnx.Module, *args):
-  """Call a stacked module on [M, ...] arguments, mouse m's slice with mouse m's parameters."""
-  return nnx.vmap(lambda mod, *a: mod(*a), in_axes=(0,) * (1 + len(args)), out_axes=0)(module, *args)
+  """Call a stacked module on [M, ...] arguments, mouse m's slice with mouse m's parameters.
+
+  Split + jax.vmap + merge rather than nnx.vmap: the call is read-only, and this stays valid when
+  the parameters and the buffers are traced at different levels (jax.grad over the Params of a
+  re-merged model), where nnx.vmap refuses to extract the graph.
+  """
+  graphdef, state = nnx.split(module)
+  return jax.vmap(lambda state, *a: nnx.merge(graphdef, state)(*a))(state, *args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,8 +235,8 @@ class PatchEmbedding(nnx.Module):
           fan_in, emb_dim, kernel_init=torch_bound, bias_init=torch_bound,
           compute_dtype=compute_dtype, rngs=rngs)
     elif patch_mode == 1:
-      # kaiming_normal_ (gain sqrt(2), fan_in, untruncated). The original leaves the conv bias at
-      # PyTorch's default U(±1/sqrt(fan_in)); spec only names the weight init.
+      # kaiming_normal_ (gain sqrt(2), fan_in, untruncated). The spec names only the weight
+      # init, so the bias keeps PyTorch's Conv2d default U(±1/sqrt(fan_in)) (an assumption).
       self.projection = nnx.Conv(
           channels, emb_dim, (patch_size, patch_size), strides=(patch_stride, patch_stride),
           padding="VALID",
@@ -389,7 +395,7 @@ class Block(nnx.Module):
       compute_dtype: str,
       rngs: nnx.Rngs,
   ):
-    self.drop_path = drop_path
+    self.drop_path_rate = drop_path
     self.mha = Attention(
         emb_dim, num_heads, t_dropout=t_dropout, use_lsa=use_lsa, use_bias=use_bias, fused=fused,
         compute_dtype=compute_dtype, rngs=rngs)
@@ -424,13 +430,13 @@ class Block(nnx.Module):
     if self.bmlp is not None:
       t_NxTxD = t_NxTxD + self.behavior_tokens(behavior_MxBxF)[:, None, :]
     attn_NxTxD, probs = self.mha(t_NxTxD, key=attn_key, return_attention=return_attention)
-    t_NxTxD = t_NxTxD + drop_path(attn_NxTxD, self.drop_path, path_key1)
-    t_NxTxD = t_NxTxD + drop_path(self.mlp(t_NxTxD, key=mlp_key), self.drop_path, path_key2)
+    t_NxTxD = t_NxTxD + drop_path(attn_NxTxD, self.drop_path_rate, path_key1)
+    t_NxTxD = t_NxTxD + drop_path(self.mlp(t_NxTxD, key=mlp_key), self.drop_path_rate, path_key2)
     return t_NxTxD, probs
 
 
 class ViTCore(nnx.Module):
-  """Patch embedding, L pre-norm blocks, no final LayerNorm, cls dropped, tokens -> (h, w, D) map."""
+  """Patch embedding, L pre-norm blocks, no final LayerNorm, cls dropped, tokens -> (h, w, D)."""
 
   def __init__(
       self,

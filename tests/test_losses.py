@@ -12,12 +12,6 @@ TINY = dict(patch_size=4, patch_stride=4, emb_dim=8, num_heads=2, num_blocks=1, 
             shifter_reg_scale=0.3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-  """Tiny programs: XLA's optimisation passes cost more than they save (this module only)."""
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", False)
 
 
 def tiny_model(counts, coordinates):

@@ -17,12 +17,6 @@ SENSORIUM_PLUS_NEURONS = (7538, 8372, 7344, 7334, 8107, 8098)  # S1, A-E
 TINY = dict(patch_size=4, patch_stride=4, emb_dim=8, num_heads=2, num_blocks=2, mlp_dim=16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-  """Tiny programs: XLA's optimisation passes cost more than they save (this module only)."""
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", False)
 
 
 def tiny_model(counts=(3, 5), **overrides):

@@ -9,12 +9,6 @@ from flax import nnx
 from v1t_jax import readout, vit
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-  """Tiny programs: XLA's optimisation passes cost more than they save (this module only)."""
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", False)
 
 
 def numpy_grid_sample(feat_bhwc, grid_bn2):

@@ -9,12 +9,6 @@ from flax import nnx
 from v1t_jax import vit
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-  """Tiny programs: XLA's optimisation passes cost more than they save (this module only)."""
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", False)
 
 
 def tiny_core(**overrides):

@@ -10,12 +10,17 @@ values. Every failure is a `SourceError` naming the source, the file and what wa
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import io
+import itertools
 import os
 import re
+import struct
+import threading
 import zipfile
+import zlib
 
 import numpy as np
 from absl import logging
@@ -24,12 +29,44 @@ TIERS = ("train", "validation", "test", "final_test")
 DATA_FIELDS = ("images", "responses", "behavior", "pupil_center")
 STAT_NAMES = ("mean", "std", "min", "max", "median")
 IMAGE_ID_FIELDS = ("frame_image_id", "colorframeprojector_image_id")
+READ_THREADS = 4
 # Shape of one trial of each optional data field.
 FIELD_SHAPES = {"behavior": (3,), "pupil_center": (2,)}
 
 
 class SourceError(ValueError):
   """A source file is missing, unreadable or not what the Sensorium format says."""
+
+
+_HEADERS: dict[bytes, tuple[np.dtype, tuple, bool]] = {}
+
+
+def _parse_npy(data: bytes) -> np.ndarray:
+  """np.load(allow_pickle=False) of an in-memory .npy, with the header parse cached.
+
+  A mouse has ~24,000 trial files sharing a handful of headers; NumPy parses each header with
+  ast.literal_eval, which costs more than reading the data.
+  """
+  if data[:6] != b"\x93NUMPY":
+    raise ValueError("not a .npy file (bad magic)")
+  start = 10 if data[6] == 1 else 12
+  length = struct.unpack("<H" if data[6] == 1 else "<I", data[8:start])[0]
+  header = data[:start + length]
+  if header not in _HEADERS:
+    stream = io.BytesIO(header)
+    major, _ = np.lib.format.read_magic(stream)
+    read_header = (np.lib.format.read_array_header_1_0 if major == 1
+                   else np.lib.format.read_array_header_2_0)
+    shape, fortran, dtype = read_header(stream)
+    if dtype.hasobject:
+      raise ValueError("object arrays need pickles, which the Sensorium loaders never allow")
+    _HEADERS[header] = (dtype, shape, fortran)
+  dtype, shape, fortran = _HEADERS[header]
+  count = int(np.prod(shape))
+  if len(data) - len(header) != count * dtype.itemsize:
+    raise ValueError(f"expected {count * dtype.itemsize} data bytes, found {len(data) - len(header)}")
+  array = np.frombuffer(data, dtype, count=count, offset=len(header))
+  return array.reshape(shape, order="F" if fortran else "C")
 
 
 class MouseSource:
@@ -54,6 +91,8 @@ class MouseSource:
         raise SourceError(f"{path}: expected one top-level folder holding data/ and meta/, "
                           f"found {sorted(roots)[:5]}")
       self._files = {n[len(self._prefix):] for n in names if n.startswith(self._prefix)}
+      self._raw = open(path, "rb")
+      self._lock = threading.Lock()
       self.name = os.path.basename(path)[:-4] if path.endswith(".zip") else os.path.basename(path)
     elif os.path.isdir(path):
       root = path
@@ -83,15 +122,34 @@ class MouseSource:
     prefix = folder.rstrip("/") + "/"
     return sorted({f[len(prefix):].split("/", 1)[0] for f in self._files if f.startswith(prefix)})
 
+  def _read_member(self, rel: str) -> bytes:
+    """One zip member, decompressed outside any lock (zlib releases the GIL, so reader threads
+    run in parallel; zipfile's own reader serialises them)."""
+    info = self._zip.getinfo(self._prefix + rel)
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) or info.flag_bits & 1:
+      return self._zip.read(info)
+    with self._lock:
+      self._raw.seek(info.header_offset)
+      header = self._raw.read(30)
+      if header[:4] != b"PK\x03\x04":
+        raise zipfile.BadZipFile(f"bad local header for {rel}")
+      name_len, extra_len = struct.unpack("<HH", header[26:30])
+      self._raw.seek(info.header_offset + 30 + name_len + extra_len)
+      raw = self._raw.read(info.compress_size)
+    data = raw if info.compress_type == zipfile.ZIP_STORED else zlib.decompress(raw, -15)
+    if len(data) != info.file_size or zlib.crc32(data) != info.CRC:
+      raise zipfile.BadZipFile(f"CRC or size mismatch for {rel}")
+    return data
+
   def read_bytes(self, rel: str) -> bytes:
     if rel not in self._files:
       raise SourceError(f"{self.name}: missing file {rel}")
     try:
       if self.is_zip:
-        return self._zip.read(self._prefix + rel)
+        return self._read_member(rel)
       with open(os.path.join(self._root, rel), "rb") as f:
         return f.read()
-    except (zipfile.BadZipFile, OSError, EOFError, zipfile.LargeZipFile) as e:
+    except (zipfile.BadZipFile, OSError, EOFError, zipfile.LargeZipFile, zlib.error) as e:
       raise SourceError(f"{self.name}: cannot read {rel} ({e}); the zip may be truncated or "
                         "corrupt") from e
 
@@ -99,7 +157,7 @@ class MouseSource:
     """np.load without pickles, as every Sensorium loader does."""
     data = self.read_bytes(rel)
     try:
-      return np.load(io.BytesIO(data), allow_pickle=False)
+      return _parse_npy(data)
     except Exception as e:  # noqa: BLE001 - any decoding failure is a bad file
       raise SourceError(f"{self.name}: {rel} is not a readable .npy array ({e})") from e
 
@@ -119,6 +177,7 @@ class MouseSource:
   def close(self):
     if self.is_zip:
       self._zip.close()
+      self._raw.close()
 
   def __enter__(self):
     return self
@@ -180,23 +239,38 @@ def _trial_count(src: MouseSource, field: str) -> int:
   return len(names)
 
 
-def _stack_trials(src: MouseSource, field: str, n: int, shape: tuple | None) -> np.ndarray:
-  """Loads data/<field>/<i>.npy for all i; one shape for all, numeric, finite."""
-  first = src.load(f"data/{field}/0.npy")
-  want = first.shape if shape is None else shape
-  out = np.empty((n,) + tuple(want), dtype=first.dtype)
-  for i in range(n):
-    rel = f"data/{field}/{i}.npy"
-    a = first if i == 0 else src.load(rel)
+def _stack_trials(src: MouseSource, field: str, n: int, shape: tuple | None,
+                  compact: bool = False) -> np.ndarray:
+  """Loads data/<field>/<i>.npy for all i; one shape for all, numeric, finite.
+
+  Files are read and checked by a few threads (zlib and NumPy release the GIL; decompression
+  dominates). With `compact`, the result is uint8 when every value is an integer in 0-255
+  (checked per trial as it arrives), else the source dtype: lossless either way.
+  """
+  rels = [f"data/{field}/{i}.npy" for i in range(n)]
+
+  def load_checked(rel):
+    a = src.load(rel)
     _numeric(src.name, rel, a)
-    if a.shape != tuple(want):
-      raise SourceError(f"{src.name}: {rel} has shape {a.shape}; expected {tuple(want)} "
-                        f"(the shape of data/{field}/0.npy and of every other trial)")
-    if a.dtype != out.dtype:   # mixed dtypes: promote losslessly rather than reject
-      out = out.astype(np.result_type(out.dtype, a.dtype))
     if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
       raise SourceError(f"{src.name}: {rel} contains NaN or inf; expected finite values")
-    out[i] = a
+    return a, (lossless_uint8(a) if compact else None)
+
+  with concurrent.futures.ThreadPoolExecutor(READ_THREADS) as pool:
+    results = pool.map(load_checked, rels)
+    first, first_small = next(results)
+    want = first.shape if shape is None else shape
+    out = np.empty((n,) + tuple(want), np.uint8 if first_small is not None else first.dtype)
+    for i, (rel, (a, small)) in enumerate(zip(rels, itertools.chain([(first, first_small)],
+                                                                    results))):
+      if a.shape != tuple(want):
+        raise SourceError(f"{src.name}: {rel} has shape {a.shape}; expected {tuple(want)} "
+                          f"(the shape of data/{field}/0.npy and of every other trial)")
+      if out.dtype == np.uint8 and small is None and a.dtype != np.uint8:
+        out = out.astype(a.dtype)   # the first trial that is not lossless as uint8
+      elif out.dtype != np.uint8 and a.dtype != out.dtype:
+        out = out.astype(np.result_type(out.dtype, a.dtype))   # mixed dtypes: promote
+      out[i] = small if out.dtype == np.uint8 and small is not None else a
   return out
 
 
@@ -246,15 +320,13 @@ def _statistics(src: MouseSource, fields: list[str], shapes: dict[str, tuple]) -
   return stats
 
 
-def compact_images(images: np.ndarray) -> np.ndarray:
-  """uint8 when that is lossless (every pixel an integer in 0-255), else the source array."""
-  if images.dtype == np.uint8:
-    return images
-  if images.dtype.kind in "iu":
-    ok = images.min() >= 0 and images.max() <= 255
-  else:
-    ok = bool(np.all((images >= 0) & (images <= 255) & (images == np.round(images))))
-  return images.astype(np.uint8) if ok else images
+def lossless_uint8(a: np.ndarray) -> np.ndarray | None:
+  """`a` as uint8 when every value is an integer in 0-255 (then nothing is lost), else None."""
+  if a.dtype == np.uint8:
+    return a
+  with np.errstate(invalid="ignore"):   # out-of-range or fractional values do not survive
+    small = a.astype(np.uint8)
+  return small if np.array_equal(small, a) else None
 
 
 def read_mouse(src: MouseSource) -> MouseData:
@@ -300,7 +372,8 @@ def read_mouse(src: MouseSource) -> MouseData:
     logging.warning("%s: no meta/trials/trial_idx.npy; using the file order", src.name)
     trial_idx = np.arange(n)
 
-  images = _stack_trials(src, "images", n, None)
+  source_dtype = str(src.load("data/images/0.npy").dtype)
+  images = _stack_trials(src, "images", n, None, compact=True)
   if images.ndim != 4:
     raise SourceError(f"{src.name}: data/images/0.npy has shape {images.shape[1:]}; expected "
                       "(channels, height, width), e.g. (1, 144, 256)")
@@ -313,7 +386,7 @@ def read_mouse(src: MouseSource) -> MouseData:
                       shapes)
   return MouseData(
       data_key=src.data_key, source_name=os.path.basename(src.path),
-      images=compact_images(images), image_source_dtype=str(images.dtype),
+      images=images, image_source_dtype=source_dtype,
       responses=responses, behavior=behavior, pupil_center=pupil, tiers=tiers,
       image_ids=image_ids.astype(np.int64), trial_idx=trial_idx, image_id_field=id_field,
       neurons=neurons, trials=trials, statistics=stats)

@@ -5,7 +5,8 @@ r"""Data benchmarks: conversion trials/s and input-pipeline examples/s, one JSON
 Writes `--mice` synthetic mice of the `sensorium` preset (real neuron counts, 144x256 images,
 ~1,000 test trials each; `--trials` train + validation trials per mouse) unless they are already
 in `--workdir`, then measures:
-  convert   trials/s of `data_prep.convert` (reading zips, validating, writing TFRecord shards)
+  convert   trials/s of `data_prep.convert` (reading zips, validating, writing TFRecord shards;
+            TensorFlow is already imported, as in any process that converts)
   pipeline  examples/s of `input_pipeline.train_dataset` for [mice, batch, 36, 64, 1] batches,
             after one warm-up epoch (the train shards are cached in memory from then on)
 """
@@ -51,7 +52,8 @@ def bench_convert(zips: list[str], data_dir: str) -> dict:
   seconds = time.perf_counter() - t0
   trials = sum(r.trials for r in results)
   return {"what": "convert", "trials": trials, "seconds": round(seconds, 2),
-          "trials_per_s": round(trials / seconds, 1), "mice": len(zips), "machine": machine()}
+          "trials_per_s": round(trials / seconds, 1),
+          "mice": len(zips), "machine": machine()}
 
 
 def bench_pipeline(data_dir: str, batch_size: int, steps: int) -> dict:

@@ -88,6 +88,19 @@ def test_non_integer_images_stay_float_and_other_dtypes(tiny_zips, tmp_path):
   np.testing.assert_array_equal(row["image"], np.load(os.path.join(folder, f"data/images/{row['trial']}.npy")))
 
 
+@pytest.mark.parametrize("values, compact", [
+    ([0.0, 255.0, 3.0], True), ([0.0, 256.0], False), ([-1.0, 2.0], False), ([1.5, 2.0], False),
+    ([1e10, 2.0], False), ([-256.0, 1.0], False), ([3, 4], True), ([300, 4], False)])
+def test_images_become_uint8_only_when_lossless(values, compact):
+  from data_prep.sensorium_source import lossless_uint8
+  a = np.array(values)
+  out = lossless_uint8(a)
+  assert (out is not None) == compact
+  if compact:
+    assert out.dtype == np.uint8
+    np.testing.assert_array_equal(out, a)
+
+
 def test_tolerates_optional_and_unknown_files(tiny_zips, tmp_path):
   folder = extract(tiny_zips[2], tmp_path / "src")
   shutil.rmtree(os.path.join(folder, "meta/statistics/images/stimulus_Frame"))

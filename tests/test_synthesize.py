@@ -199,3 +199,13 @@ def test_sensorium_preset_shape():
   assert [s.data_key for s in specs][:2] == ["26872-17-20", "27204-5-13"]
   assert specs[0].stimulus_only and specs[1].competition and not specs[2].competition
   assert all(4450 <= s.n_train <= 4500 for s in specs)
+
+
+def test_oracle_ceiling_in_real_data_range(tiny_zips):
+  from data_prep import oracle
+  result = oracle.oracles(os.path.dirname(tiny_zips[0]), "train")
+  values = list(result["oracle_single_trial_correlation"].values())
+  assert len(values) == 3 and all(0.3 < v < 0.7 for v in values)   # tiny: few trials, noisy
+  withheld = oracle.oracles(os.path.dirname(tiny_zips[0]), "test")
+  assert np.isnan(withheld["oracle_single_trial_correlation"]["90001-1-1"])   # competition mouse
+  assert np.isfinite(withheld["oracle_single_trial_correlation"]["90003-4-5"])

@@ -158,3 +158,21 @@ def test_unknown_mouse_is_a_clear_error(tiny_data_dir):
   with pytest.raises(ValueError, match="mouse 'A' is not in"):
     dataset_meta.resolve_mice(tiny_data_dir, ["A"])
   assert [m.name for m in dataset_meta.resolve_mice(tiny_data_dir, ["90002-2-3"])] == ["90002-2-3"]
+
+
+def test_franke_colour_mice(tmp_path):
+  from configs import franke
+  from data_prep import convert, synthesize
+  zips = synthesize.synthesize(str(tmp_path / "zips"), "tiny", seed=0, trials=12, color=True)
+  convert.convert(zips, str(tmp_path / "tfds"))
+  mice = dataset_meta.resolve_mice(str(tmp_path / "tfds"))
+  for gray, channels in ((False, 2), (True, 1)):
+    cfg = franke.get_config("gray" if gray else None).data
+    cfg.batch_size, cfg.eval_batch_size = 4, 8
+    ds, _ = ip.eval_dataset(mice, "test", cfg, process_index=0, process_count=1)
+    b = next(iter(ip.as_numpy(ds)))
+    assert b["image"].shape == (3, 8, 36, 64, channels)   # no resize for 36x64 images
+  raw = RawMouse(zips[0])
+  i = b["trial"][0, 0]
+  image = (raw.load(f"data/images/{i}.npy") - raw.stat("images", "mean")) / raw.stat("images", "std")
+  np.testing.assert_allclose(b["image"][0, 0, :, :, 0], image.mean(0), rtol=1e-5, atol=1e-5)

@@ -47,6 +47,10 @@ def test_train_resume_and_evaluate(tiny_data_dir, tmp_path):
   assert latest.latest_step() == 9
   state, meta = train.restore(latest, trainer)
   assert int(state["step"]) == 9 and meta["epoch"] == 3
+  # The checkpoint carries what is needed to rebuild the model without config file or data.
+  assert meta["run"]["config"]["model"]["emb_dim"] == 16
+  assert [m["neurons"] for m in meta["run"]["mice"]] == [24, 31, 17]
+  assert meta["run"]["image_hwc"] == [36, 64, 1]
   latest.close(), best.close()
 
   # --mode=evaluate restores the best checkpoint and reproduces its numbers.

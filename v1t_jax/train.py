@@ -161,6 +161,15 @@ class Trainer:
         in_shardings=(self.state_sharding["params"], self.state_sharding["buffers"],
                       self.batch_sharding), out_shardings=self.repl)
 
+  @property
+  def run_info(self) -> dict:
+    """What a checkpoint records to rebuild the model without the config file or the data."""
+    return {"config": json.loads(self.config.to_json_best_effort()),
+            "image_hwc": list(self.image_hwc),
+            "mice": [{"name": m.name, "data_key": m.data_key, "neurons": m.num_neurons,
+                      "n_train": n, "source": m.info["source_name"]}
+                     for m, n in zip(self.mice, self.n_train)]}
+
   def init_state(self, seed: int) -> dict:
     """The initial state, created directly with its sharding (nothing to donate by accident)."""
     make = lambda: new_state(build_model(self.config, self.mice, self.image_hwc, seed), self.tx)
@@ -286,7 +295,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         report(step)
         every = config.train.checkpoint_every_steps
         if every and step % every == 0 and i < steps_per_epoch - 1:   # epoch ends save below
-          save(latest, state, _meta(step, epoch, plateau))
+          save(latest, state, _meta(step, epoch, plateau, run=trainer.run_info))
       train = {k: np.mean([np.asarray(o[k]) for o in outs], axis=0) for k in outs[0]}
       if not np.isfinite(train["loss"]):
         stop_reason = (f"NaN/inf training loss in epoch {epoch}; stopped without saving it, the "
@@ -309,9 +318,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if not np.isfinite(val["single_trial_correlation_average"]):
         stop_reason = f"NaN validation correlation in epoch {epoch}"
         break
-      save(latest, state, _meta(step, epoch + 1, plateau))
+      save(latest, state, _meta(step, epoch + 1, plateau, run=trainer.run_info))
       if action is Action.IMPROVED:
-        save(best, state, _meta(step, epoch + 1, plateau, val=val))
+        save(best, state, _meta(step, epoch + 1, plateau, val=val, run=trainer.run_info))
       elif action is Action.REDUCE:
         # Reload the best weights, keep the optimizer moments (the original's scheduler).
         best.wait_until_finished()
@@ -337,8 +346,9 @@ def _say(message: str):
     print(message, flush=True)
 
 
-def _meta(step: int, epoch: int, plateau: Plateau, val: dict | None = None) -> dict:
-  meta = {"step": step, "epoch": epoch, "plateau": plateau.state()}
+def _meta(step: int, epoch: int, plateau: Plateau, val: dict | None = None,
+          run: dict | None = None) -> dict:
+  meta = {"step": step, "epoch": epoch, "plateau": plateau.state(), "run": run or {}}
   if val is not None:
     meta["validation"] = val
   return meta

@@ -111,3 +111,25 @@ def test_group_learning_rates():
   scaled = train.scale_updates(updates, 0.3, lr=2.0, core_lr=0.5)
   np.testing.assert_allclose(scaled["core"]["w"], 0.15)
   np.testing.assert_allclose(scaled["readouts"]["w"], 0.6)
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_data_dir, tmp_path):
+  import shutil
+  workdir = str(tmp_path / "run")
+  config = tiny_config(tiny_data_dir, num_epochs=2, checkpoint_every_steps=1)
+  train.train_and_evaluate(config, workdir)
+  trainer = train.setup(config)
+  latest, best = train.checkpoint_managers(workdir)
+  assert latest.all_steps() == [5, 6]
+  uninterrupted, _ = train.restore(latest, trainer, 6)
+  uninterrupted = leaves(uninterrupted)
+  latest.close(), best.close()
+  # "Kill" the run after step 5, in the middle of epoch 2, and run the same command again.
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "6"))
+  train.train_and_evaluate(config, workdir)
+  latest, best = train.checkpoint_managers(workdir)
+  resumed, meta = train.restore(latest, trainer, 6)
+  assert meta["epoch"] == 2
+  for a, b in zip(uninterrupted, leaves(resumed)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  latest.close(), best.close()

@@ -173,8 +173,13 @@ def _limit(records: tf.data.Dataset, meta: MouseMeta, limit: int, seed: int, sta
 
 
 def train_dataset(mice: list[MouseMeta], data_cfg, *, process_index: int | None = None,
-                  process_count: int | None = None) -> tf.data.Dataset:
-  """Endless [M, B_local, ...] training batches, B_local = batch_size / process_count."""
+                  process_count: int | None = None, start_step: int = 0) -> tf.data.Dataset:
+  """Endless [M, B_local, ...] training batches, B_local = batch_size / process_count.
+
+  The order is a fixed function of `data.shuffle_seed`: batch k is the same in every run, and
+  `start_step` skips the first batches (as serialized records, before any decoding) so a
+  resumed run sees exactly the batches an uninterrupted one would.
+  """
   pi, pc = _process(process_index, process_count)
   if data_cfg.batch_size % pc:
     raise ValueError(f"data.batch_size={data_cfg.batch_size} must be divisible by the number of "
@@ -191,7 +196,7 @@ def train_dataset(mice: list[MouseMeta], data_cfg, *, process_index: int | None 
     n_local = max(1, train_size(reader.meta, data_cfg.limit_data) // pc + 1)
     records = records.shuffle(n_local, seed=data_cfg.shuffle_seed + 1000 * i + pi,
                               reshuffle_each_iteration=True).repeat()
-    per_mouse.append(records.batch(batch, drop_remainder=True)
+    per_mouse.append(records.batch(batch, drop_remainder=True).skip(start_step)
                      .map(reader.decode, num_parallel_calls=tf.data.AUTOTUNE))
   ds = tf.data.Dataset.zip(tuple(per_mouse)).map(_stack, num_parallel_calls=tf.data.AUTOTUNE)
   return ds.prefetch(tf.data.AUTOTUNE)

@@ -208,6 +208,11 @@ def checkpoint_managers(workdir: str):
 
 
 def save(manager: ocp.CheckpointManager, state: dict, meta: dict):
+  step = int(meta["step"])
+  if step in manager.all_steps():
+    # A run killed between its two managers' saves redoes that step: the new save replaces it.
+    manager.wait_until_finished()
+    manager.delete(step)
   manager.save(int(meta["step"]), args=ocp.args.Composite(
       state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
 
@@ -276,25 +281,28 @@ def train_and_evaluate(config, workdir: str) -> dict:
     writer.write_hparams({k: v for k, v in _flat(config).items()
                           if isinstance(v, (int, float, str, bool))})
   key = jax.random.key(config.seed)
+  step = int(state["step"])
+  # Same batches and dropout keys as an uninterrupted run: the data order is a function of the
+  # seed (skipped to `step`), the step key is fold_in(key, step).
   train_iter = iter(input_pipeline.as_numpy(input_pipeline.train_dataset(
-      trainer.mice, config.data)))
+      trainer.mice, config.data, start_step=step)))
   total_steps = config.train.num_epochs * steps_per_epoch
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                            every_steps=config.train.log_every_steps)
-  step = int(state["step"])
   stop_reason = "max epochs"
   with metric_writers.ensure_flushes(writer):
     for epoch in range(start_epoch, config.train.num_epochs):
       lr_scale = jnp.float32(plateau.lr_scale)
       outs = []
-      for i in range(steps_per_epoch):
+      epoch_end = (epoch + 1) * steps_per_epoch   # a run resumed mid-epoch finishes this epoch
+      while step < epoch_end:
         batch = trainer.device_batch(next(train_iter))
         state, out = trainer.train_step(state, batch, jax.random.fold_in(key, step), lr_scale)
         outs.append(out)
         step += 1
         report(step)
         every = config.train.checkpoint_every_steps
-        if every and step % every == 0 and i < steps_per_epoch - 1:   # epoch ends save below
+        if every and step % every == 0 and step < epoch_end:   # the epoch's end saves below
           save(latest, state, _meta(step, epoch, plateau, run=trainer.run_info))
       train = {k: np.mean([np.asarray(o[k]) for o in outs], axis=0) for k in outs[0]}
       if not np.isfinite(train["loss"]):

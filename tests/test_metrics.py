@@ -31,3 +31,41 @@ def test_sums_over_batches_equal_direct_formula():
   per_mouse, mean = metrics.mean_correlation(total, [7, 5])
   np.testing.assert_allclose(per_mouse[1], corr[1, :5].mean())
   assert mean == per_mouse.mean()
+
+
+def reference_metrics(pred, target, image_ids):
+  """The Sensorium evaluator's formulas written out directly on full arrays."""
+  ids = np.unique(image_ids)
+  mean_p = np.stack([pred[image_ids == i].mean(0) for i in ids])
+  mean_y = np.stack([target[image_ids == i].mean(0) for i in ids])
+  noise_var = np.mean([target[image_ids == i].var(0, ddof=1) for i in ids], axis=0)
+  total_var = target.var(0, ddof=1)
+  fev = (total_var - noise_var) / total_var
+  feve = 1 - (((target - pred) ** 2).mean(0) - noise_var) / (total_var - noise_var)
+  return {"single_trial_correlation": metrics.correlation_reference(pred, target).mean(),
+          "correlation_to_average": metrics.correlation_reference(mean_p, mean_y).mean(),
+          "feve": feve[fev >= 0.15].mean()}
+
+
+def test_tier_metrics_equal_the_evaluator_formulas():
+  rng = np.random.default_rng(1)
+  images, repeats, n = 12, 5, 9
+  image_ids = np.repeat(rng.choice(1000, images, replace=False), repeats)
+  rng.shuffle(image_ids)
+  signal = rng.gamma(2.0, size=(1000, n))[image_ids]
+  target = signal * rng.uniform(0.2, 3.0, size=n) + rng.normal(size=signal.shape)
+  pred = signal + 0.5 * rng.normal(size=signal.shape)
+  target[:, 0] = rng.normal(size=len(image_ids))   # a pure-noise neuron: FEV < 0.15, dropped
+  acc = metrics.TierMetrics(n)
+  for start in range(0, len(image_ids), 7):   # batches of 7 with 3 padding rows of garbage
+    sl = slice(start, start + 7)
+    k = len(image_ids[sl])
+    pad = lambda a, fill: np.concatenate([a[sl], np.full((10 - k,) + a.shape[1:], fill)])  # noqa
+    valid = np.arange(10) < k
+    acc.add(pad(pred, 5.0), pad(target, -3.0), pad(image_ids, 7), valid)
+  got, want = acc.result(), reference_metrics(pred, target, image_ids)
+  for key in want:
+    np.testing.assert_allclose(got[key], want[key], rtol=1e-9, err_msg=key)
+  single = metrics.TierMetrics(n)
+  single.add(pred[:30], target[:30], np.arange(30), np.ones(30, bool))
+  assert np.isnan(single.result()["feve"])   # no repeats: FEVE undefined

@@ -133,3 +133,20 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_data_dir, tmp_pat
   for a, b in zip(uninterrupted, leaves(resumed)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
   latest.close(), best.close()
+
+
+def test_challenge_metrics_and_oracle(tiny_zips, tiny_data_dir, tmp_path):
+  config = tiny_config(tiny_data_dir, num_epochs=1)
+  config.synthetic.zip_dir = os.path.dirname(tiny_zips[0])
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(config, workdir)
+  with open(os.path.join(workdir, "eval", "metrics.json")) as f:
+    m = json.load(f)
+  assert set(m) == {"validation", "test", "oracle"}
+  assert set(m["test"]) == {"90003-4-5", "average"}          # withheld mice are not scored
+  keys = {"single_trial_correlation", "correlation_to_average", "feve"}
+  assert set(m["test"]["90003-4-5"]) == keys and set(m["validation"]["average"]) == keys
+  oracle = m["oracle"]["test"]["90003-4-5"]
+  assert 0.2 < oracle["single_trial_correlation"] < 0.8      # the truth vs noisy recordings
+  assert oracle["correlation_to_average"] > oracle["single_trial_correlation"]
+  assert m["test"]["90003-4-5"]["single_trial_correlation"] < oracle["single_trial_correlation"]

@@ -50,3 +50,51 @@ def correlation_reference(pred_TxN: np.ndarray, target_TxN: np.ndarray) -> np.nd
   zx = (x - x.mean(0)) / (x.std(0) + EPS)
   zy = (y - y.mean(0)) / (y.std(0) + EPS)
   return (zx * zy).mean(0)
+
+
+class TierMetrics:
+  """The challenge's three metrics for one mouse and tier, from sums accumulated batch by batch.
+
+  Single-trial correlation as above; correlation to average over the per-image means (images in
+  sorted id order, which the sums do not depend on); FEVE with ddof 1 for the noise and total
+  variances and the FEV >= 0.15 neuron filter (`sensorium_format.md` §7). Memory is
+  O(images x neurons), never O(trials x neurons).
+  """
+
+  def __init__(self, num_neurons: int):
+    self.n = num_neurons
+    self.corr_sums = np.zeros((NUM_SUMS, num_neurons))
+    self._row: dict[int, int] = {}
+    self._per_image: list[np.ndarray] = []   # per image: [5, N] count, Σy, Σy², Σŷ, Σ(y-ŷ)²
+
+  def add(self, pred_BxN, target_BxN, image_ids_B, valid_B):
+    keep = np.asarray(valid_B, bool)
+    p = np.asarray(pred_BxN, np.float64)[keep][:, : self.n]
+    y = np.asarray(target_BxN, np.float64)[keep][:, : self.n]
+    self.corr_sums += np.stack([np.ones_like(p).sum(0), p.sum(0), y.sum(0), (p * y).sum(0),
+                                (p * p).sum(0), (y * y).sum(0)])
+    for image, pi, yi in zip(np.asarray(image_ids_B)[keep], p, y):
+      row = self._row.setdefault(int(image), len(self._per_image))
+      if row == len(self._per_image):
+        self._per_image.append(np.zeros((5, self.n)))
+      self._per_image[row] += np.stack([np.ones(self.n), yi, yi * yi, pi, (yi - pi) ** 2])
+
+  def result(self) -> dict[str, float]:
+    out = {"single_trial_correlation": float(correlation_from_sums(self.corr_sums[None])[0].mean())}
+    s = np.stack(self._per_image)                  # [I, 5, N]
+    count, sum_y, sum_y2, sum_p, sum_se = (s[:, k] for k in range(5))
+    mean_y, mean_p = sum_y / count, sum_p / count
+    out["correlation_to_average"] = float(correlation_reference(mean_p, mean_y).mean())
+    trials = count.sum(0)
+    repeated = count[:, 0] > 1
+    if repeated.any():   # FEVE needs repeats (the test tiers); undefined on single presentations
+      noise_var = ((sum_y2 - sum_y**2 / count)[repeated] / (count[repeated] - 1)).mean(0)
+      total_var = (sum_y2.sum(0) - sum_y.sum(0) ** 2 / trials) / (trials - 1)
+      with np.errstate(divide="ignore", invalid="ignore"):
+        fev = (total_var - noise_var) / total_var
+        feve = 1 - (sum_se.sum(0) / trials - noise_var) / (total_var - noise_var)
+      keep = fev >= 0.15   # NaN FEV fails the test
+      out["feve"] = float(feve[keep].mean()) if keep.any() else float("nan")
+    else:
+      out["feve"] = float("nan")
+    return out

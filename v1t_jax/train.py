@@ -125,7 +125,7 @@ def eval_step(params, buffers, batch, *, graphdef, n_train):
   """Eval-mode losses and correlation sums of one batch (padding rows masked)."""
   model = nnx.merge(graphdef, params, buffers)
   _, aux = losses.objective(model, batch, n_train, train=False)
-  return {"poisson": aux["poisson"],
+  return {"poisson": aux["poisson"], "pred": aux["pred"],
           "corr_sums": metrics.correlation_sums(aux["pred"], batch["responses"], batch["valid"])}
 
 
@@ -192,6 +192,63 @@ class Trainer:
     return {"single_trial_correlation": dict(zip(self.names, per_mouse.tolist())),
             "single_trial_correlation_average": mean,
             "poisson_loss": dict(zip(self.names, (poisson / max(len(outs), 1)).tolist()))}
+
+  def tier_metrics(self, state: dict, tier: str, mice: list[int],
+                   truth: dict[int, np.ndarray] | None = None) -> dict:
+    """Single-trial correlation, correlation to average and FEVE of `tier` for the given mice
+    (and of the noise-free truth, the oracle, where `truth` gives standardised rates per trial)."""
+    from v1t_jax import input_pipeline
+    ds, _ = input_pipeline.eval_dataset(self.mice, tier, self.config.data)
+    model = {m: metrics.TierMetrics(self.neuron_counts[m]) for m in mice}
+    oracle = {m: metrics.TierMetrics(self.neuron_counts[m]) for m in (truth or {})}
+    for b in input_pipeline.as_numpy(ds):
+      pred = np.asarray(self.eval_step(state["params"], state["buffers"],
+                                       self.device_batch(b))["pred"])   # replicated output
+      b = {k: _all_rows(b[k]) for k in ("responses", "image_id", "valid", "trial")}
+      for m in mice:
+        model[m].add(pred[m], b["responses"][m], b["image_id"][m], b["valid"][m])
+      for m, rates in (truth or {}).items():
+        valid = b["valid"][m]
+        oracle[m].add(rates[np.where(valid, b["trial"][m], 0)], b["responses"][m],
+                      b["image_id"][m], valid)
+    out = {"model": _by_mouse({self.names[m]: a.result() for m, a in model.items()})}
+    if oracle:
+      out["oracle"] = _by_mouse({self.names[m]: a.result() for m, a in oracle.items()})
+    return out
+
+
+def _all_rows(local_MxB):
+  """The global batch rows of a host-local [M, B_local, ...] array (identity on one process)."""
+  if jax.process_count() == 1:
+    return local_MxB
+  from jax.experimental import multihost_utils
+  rows = multihost_utils.process_allgather(np.moveaxis(local_MxB, 1, 0), tiled=True)
+  return np.moveaxis(np.asarray(rows), 0, 1)
+
+
+def _by_mouse(per_mouse: dict[str, dict]) -> dict:
+  """{mouse: metrics} plus the unweighted mean over mice under "average"."""
+  keys = next(iter(per_mouse.values())).keys()
+  def mean(values):   # FEVE is NaN where a tier has no repeats; average what is defined
+    finite = [x for x in values if np.isfinite(x)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+  average = {k: mean([v[k] for v in per_mouse.values()]) for k in keys}
+  return {**per_mouse, "average": average}
+
+
+def synthetic_truth(trainer: Trainer) -> dict[int, np.ndarray]:
+  """Standardised noise-free rates [trials, N] per mouse of a synthetic config (file order)."""
+  if "synthetic" not in trainer.config:
+    return {}
+  out = {}
+  for m, meta in enumerate(trainer.mice):
+    path = os.path.join(trainer.config.synthetic.zip_dir,
+                        meta.info["source_name"][: -len(".zip")] + ".truth.npz")
+    if os.path.exists(path):
+      rates = np.load(path)["rates"] * dataset_meta.normalisation(meta).response_precision
+      out[m] = np.pad(rates, [(0, 0), (0, max(trainer.neuron_counts) - rates.shape[1])])
+  return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,13 +451,33 @@ def evaluate_best(trainer: Trainer, best: ocp.CheckpointManager, workdir: str, w
     test["single_trial_correlation_average"] = float(
         np.mean(list(test["single_trial_correlation"].values())))
     result["test"] = test
+  # The challenge's metrics (sensorium_format.md §7) for every mouse with targets, plus the
+  # oracle ceiling where the synthetic ground truth exists.
+  truth = synthetic_truth(trainer)
+  challenge, oracle = {}, {}
+  for tier, mice in (("validation", list(range(len(trainer.mice)))), ("test", keep)):
+    if mice:
+      r = trainer.tier_metrics(state, tier, mice, {m: truth[m] for m in mice if m in truth})
+      challenge[tier] = r["model"]
+      if "oracle" in r:
+        oracle[tier] = r["oracle"]
+  if oracle:
+    challenge["oracle"] = oracle
+  result["metrics"] = challenge
   if jax.process_index() == 0:
+    os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+    with open(os.path.join(workdir, "eval", "metrics.json"), "w") as f:
+      json.dump(challenge, f, indent=1)
     with open(os.path.join(workdir, "evaluation.json"), "w") as f:
       json.dump(result, f, indent=1)
     if writer is not None:
       scalars = _scalars("final_val", result["validation"])
       if "test" in result:
         scalars.update(_scalars("test", result["test"]))
+      for tier, per_mouse in challenge.items():
+        if tier != "oracle":
+          scalars.update({f"eval/{tier}/{k}/{mouse}": v for mouse, d in per_mouse.items()
+                          for k, v in d.items()})
       writer.write_scalars(step, scalars)
   return result
 

@@ -150,3 +150,25 @@ def test_challenge_metrics_and_oracle(tiny_zips, tiny_data_dir, tmp_path):
   assert 0.2 < oracle["single_trial_correlation"] < 0.8      # the truth vs noisy recordings
   assert oracle["correlation_to_average"] > oracle["single_trial_correlation"]
   assert m["test"]["90003-4-5"]["single_trial_correlation"] < oracle["single_trial_correlation"]
+
+
+def test_one_train_step_golden_values(tiny_data_dir):
+  """One step of the tiny config from seed 1234 on the first batch of the tiny mice.
+
+  Golden values recorded on CPU (jax 0.10.2, 1 device) with this same code; they pin the
+  initialisation, the data order and normalisation, the dropout / readout keys and the objective
+  (per-mouse Poisson loss after ds_scale; R_m with the core L1 term in every mouse).
+  """
+  config = tiny_config(tiny_data_dir)
+  mice = train.dataset_meta.resolve_mice(config.data.data_dir)
+  mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1],
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  trainer = train.Trainer(config, mice, mesh, (36, 64, 1))
+  state = trainer.init_state(config.seed)
+  batch = next(iter(input_pipeline.as_numpy(input_pipeline.train_dataset(mice, config.data))))
+  key = jax.random.fold_in(jax.random.key(config.seed), 0)
+  state, out = trainer.train_step(state, trainer.device_batch(batch), key, 1.0)
+  np.testing.assert_allclose(float(out["loss"]), 2516.9267578125, rtol=1e-4)
+  np.testing.assert_allclose(out["poisson"], [272.94217, 389.23709, 223.70073], rtol=1e-4)
+  np.testing.assert_allclose(out["reg"], [543.68219, 543.73541, 543.62903], rtol=1e-4)
+  assert int(state["step"]) == 1

@@ -79,7 +79,7 @@ def train_config() -> ml_collections.ConfigDict:
   t.lr_patience = 10                   # the original's Scheduler (hard-coded there)
   t.lr_factor = 0.3
   t.max_reduce = 2
-  t.pretrain_core = ""                 # freeze the core (set by a pretrained run); "" = train it
+  t.pretrain_core = ""                 # run dir whose best core is loaded and frozen; "" = train it
   t.checkpoint_every_steps = 1000      # latest-state checkpoints within an epoch (0 = epoch ends)
   t.log_every_steps = 50
   t.max_steps_per_epoch = ml_collections.config_dict.placeholder(int)  # cap (smoke tests)

@@ -106,7 +106,7 @@ def test_group_learning_rates():
   config.core_lr = 1e-4
   assert train.group_lrs(config)["core_lr"] == 1e-4
   config.pretrain_core = "runs/pretrained"
-  assert train.group_lrs(config)["core_lr"] == 0.0   # the frozen core's lr, once loading exists
+  assert train.group_lrs(config)["core_lr"] == 0.0   # a pretrained core stays frozen
   updates = {"core": {"w": np.ones(2)}, "readouts": {"w": np.ones(3)}}
   scaled = train.scale_updates(updates, 0.3, lr=2.0, core_lr=0.5)
   np.testing.assert_allclose(scaled["core"]["w"], 0.15)
@@ -172,3 +172,30 @@ def test_one_train_step_golden_values(tiny_data_dir):
   np.testing.assert_allclose(out["poisson"], [272.94217, 389.23709, 223.70073], rtol=1e-4)
   np.testing.assert_allclose(out["reg"], [543.68219, 543.73541, 543.62903], rtol=1e-4)
   assert int(state["step"]) == 1
+
+
+def test_pretrained_core_is_loaded_and_frozen(tiny_data_dir, tmp_path):
+  first = str(tmp_path / "first")
+  train.train_and_evaluate(tiny_config(tiny_data_dir, num_epochs=1), first)
+  config = tiny_config(tiny_data_dir, num_epochs=1, pretrain_core=first)
+  config.data.mice = ("90002-2-3", "90003-4-5")    # other mice: only the core is shared
+  second = str(tmp_path / "second")
+  train.train_and_evaluate(config, second)
+  trainer = train.setup(tiny_config(tiny_data_dir))
+  latest, best = train.checkpoint_managers(first)
+  pretrained, _ = train.restore(best, trainer)
+  latest.close(), best.close()
+  trainer2 = train.setup(config)
+  latest, best = train.checkpoint_managers(second)
+  final, _ = train.restore(latest, trainer2)
+  initial = trainer2.init_state(config.seed)
+  latest.close(), best.close()
+  for a, b in zip(leaves(pretrained["params"]["core"]), leaves(final["params"]["core"])):
+    np.testing.assert_array_equal(a, b)                # loaded, then never updated
+  moved = [not np.array_equal(a, b) for a, b in zip(leaves(initial["params"]["readouts"]),
+                                                    leaves(final["params"]["readouts"]))]
+  assert any(moved)                                     # the readouts did train
+  bad = tiny_config(tiny_data_dir, pretrain_core=first)
+  bad.model.emb_dim = 8
+  with pytest.raises(ValueError, match="other shapes"):
+    train.setup(bad).init_state(0)

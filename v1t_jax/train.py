@@ -171,8 +171,20 @@ class Trainer:
                      for m, n in zip(self.mice, self.n_train)]}
 
   def init_state(self, seed: int) -> dict:
-    """The initial state, created directly with its sharding (nothing to donate by accident)."""
-    make = lambda: new_state(build_model(self.config, self.mice, self.image_hwc, seed), self.tx)
+    """The initial state, created directly with its sharding (nothing to donate by accident).
+
+    With `train.pretrain_core`, the core's parameters come from that run's best checkpoint
+    (the original's --pretrain_core); its lr and regulariser are 0, so it stays frozen.
+    """
+    def make():
+      model = build_model(self.config, self.mice, self.image_hwc, seed)
+      if core is not None:
+        nnx.update(model.core, core)
+      return new_state(model, self.tx)
+    core = None
+    if self.config.train.pretrain_core:
+      core = pretrained_core(self.config.train.pretrain_core, self.graphdef,
+                             self.abstract_state["params"])
     return jax.jit(make, out_shardings=self.state_sharding)()
 
   def device_batch(self, batch: dict) -> dict:
@@ -215,6 +227,41 @@ class Trainer:
     if oracle:
       out["oracle"] = _by_mouse({self.names[m]: a.result() for m, a in oracle.items()})
     return out
+
+
+def pretrained_core(run_dir: str, graphdef, abstract_params) -> nnx.State:
+  """The core parameters of another run's best checkpoint (same core shape required)."""
+  manager = ocp.CheckpointManager(os.path.join(os.path.abspath(run_dir), "best"))
+  step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"train.pretrain_core={run_dir}: no checkpoint in {run_dir}/best")
+  meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+  run = meta.get("run", {})
+  if not run:
+    raise ValueError(f"train.pretrain_core={run_dir}: its checkpoint does not record its config")
+  # Rebuild that run's model abstractly (its own mice and neuron counts) to restore its state.
+  other = ModelConfig.from_config(run["config"]["model"])
+  counts = [m["neurons"] for m in run["mice"]]
+  model = nnx.eval_shape(lambda: V1T(other, neuron_counts=counts,
+                                     coordinates=np.zeros((len(counts), max(counts), 3)),
+                                     image_shape=tuple(run["image_hwc"]), rngs=nnx.Rngs(0)))
+  target = jax.eval_shape(lambda: new_state(model, make_optimizer_for_restore()))
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(target))).state
+  manager.close()
+  core = restored["params"]["core"]
+  want = jax.tree.map(lambda a: a.shape, abstract_params["core"])
+  got = jax.tree.map(lambda a: a.shape, core)
+  if want != got:
+    raise ValueError(f"train.pretrain_core={run_dir}: its core has other shapes than this "
+                     "config's (emb_dim, num_heads, num_blocks, mlp_dim, patches and behaviour "
+                     "mode must match)")
+  return core
+
+
+def make_optimizer_for_restore() -> optax.GradientTransformation:
+  """The optimizer-state layout of every run (Adam at unit lr), for restoring its checkpoint."""
+  return optax.adam(1.0)
 
 
 def _all_rows(local_MxB):
@@ -294,10 +341,6 @@ def make_mesh() -> jax.sharding.Mesh:
 
 def setup(config):
   from v1t_jax import input_pipeline
-  if config.train.pretrain_core:
-    raise NotImplementedError(
-        "train.pretrain_core: loading and freezing a pretrained core is not implemented yet; "
-        "train the whole model (leave train.pretrain_core empty)")
   mice = dataset_meta.resolve_mice(config.data.data_dir, tuple(config.data.mice))
   reader = input_pipeline.readers(mice[:1], config.data)[0]
   return Trainer(config, mice, make_mesh(), reader.output_hwc)

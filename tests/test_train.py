@@ -141,7 +141,8 @@ def test_challenge_metrics_and_oracle(tiny_zips, tiny_data_dir, tmp_path):
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(config, workdir)
   with open(os.path.join(workdir, "eval", "metrics.json")) as f:
-    m = json.load(f)
+    m = json.load(f, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
+  assert m["validation"]["average"]["feve"] is None     # no repeats in validation: undefined
   assert set(m) == {"validation", "test", "oracle"}
   assert set(m["test"]) == {"90003-4-5", "average"}          # withheld mice are not scored
   keys = {"single_trial_correlation", "correlation_to_average", "feve"}

@@ -273,6 +273,15 @@ def _all_rows(local_MxB):
   return np.moveaxis(np.asarray(rows), 0, 1)
 
 
+def _json_safe(tree):
+  """NaN -> None, so the files are strict JSON."""
+  if isinstance(tree, dict):
+    return {k: _json_safe(v) for k, v in tree.items()}
+  if isinstance(tree, float) and not np.isfinite(tree):
+    return None
+  return tree
+
+
 def _by_mouse(per_mouse: dict[str, dict]) -> dict:
   """{mouse: metrics} plus the unweighted mean over mice under "average"."""
   keys = next(iter(per_mouse.values())).keys()
@@ -506,6 +515,7 @@ def evaluate_best(trainer: Trainer, best: ocp.CheckpointManager, workdir: str, w
         oracle[tier] = r["oracle"]
   if oracle:
     challenge["oracle"] = oracle
+  challenge = _json_safe(challenge)   # undefined values (FEVE without repeats) become null
   result["metrics"] = challenge
   if jax.process_index() == 0:
     os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
@@ -520,7 +530,7 @@ def evaluate_best(trainer: Trainer, best: ocp.CheckpointManager, workdir: str, w
       for tier, per_mouse in challenge.items():
         if tier != "oracle":
           scalars.update({f"eval/{tier}/{k}/{mouse}": v for mouse, d in per_mouse.items()
-                          for k, v in d.items()})
+                          for k, v in d.items() if v is not None})
       writer.write_scalars(step, scalars)
   return result
 

@@ -113,6 +113,24 @@ def normalisation(meta: MouseMeta) -> Normalisation:
   )
 
 
+def checkpoint_record(meta: MouseMeta) -> dict:
+  """What a checkpoint keeps of a mouse so that predictions need no dataset (JSON-able):
+  neuron ids, the normalisation constants, and the raw means used as default behaviour inputs."""
+  norm = normalisation(meta)
+  has_b, has_p = meta.info["has_behavior"], meta.info["has_pupil_center"]
+  return {
+      "unit_ids": np.asarray(meta.unit_ids).astype(np.int64).tolist(),
+      "image_shape": list(meta.image_shape),
+      "has_behavior": bool(has_b), "has_pupil_center": bool(has_p),
+      "normalisation": {f.name: np.asarray(getattr(norm, f.name), np.float64).reshape(-1).tolist()
+                        for f in dataclasses.fields(norm)},
+      "behavior_mean": (np.asarray(meta.stat("behavior", "mean"), np.float64).reshape(-1).tolist()
+                        if has_b else [0.0] * 3),
+      "pupil_center_mean": (np.asarray(meta.stat("pupil_center", "mean"), np.float64)
+                            .reshape(-1).tolist() if has_p else [0.0] * 2),
+  }
+
+
 def mouse_dir(data_dir: str, data_key: str) -> str:
   return os.path.join(data_dir, BUILDER_NAME, data_key, VERSION)
 

@@ -167,7 +167,8 @@ class Trainer:
     return {"config": json.loads(self.config.to_json_best_effort()),
             "image_hwc": list(self.image_hwc),
             "mice": [{"name": m.name, "data_key": m.data_key, "neurons": m.num_neurons,
-                      "n_train": n, "source": m.info["source_name"]}
+                      "n_train": n, "source": m.info["source_name"],
+                      **dataset_meta.checkpoint_record(m)}
                      for m, n in zip(self.mice, self.n_train)]}
 
   def init_state(self, seed: int) -> dict:

@@ -83,6 +83,9 @@ def train_config() -> ml_collections.ConfigDict:
   t.checkpoint_every_steps = 1000      # latest-state checkpoints within an epoch (0 = epoch ends)
   t.log_every_steps = 50
   t.max_steps_per_epoch = ml_collections.config_dict.placeholder(int)  # cap (smoke tests)
+  # TensorBoard figures (attention rollout, best neurons, readout positions; v1t_jax.figures)
+  # every N epochs and of the best checkpoint at the end; 0 = none. Single-process runs only.
+  t.figures_every_epochs = 10
   return t
 
 

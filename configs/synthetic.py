@@ -39,4 +39,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.num_epochs = 8 if demo else 2   # demo: about 15 minutes on 2 CPU cores
   config.train.log_every_steps = 50 if demo else 1
   config.train.max_steps_per_epoch = None if demo else 3
+  # The demo writes figures of its best checkpoint once, at the end (0 would switch them off).
+  config.train.figures_every_epochs = config.train.num_epochs if demo else 0
   return config

@@ -10,6 +10,7 @@ After every epoch the validation single-trial correlation drives the original's 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -430,6 +431,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
       scalars.update({f"train/poisson/{n}": float(v) for n, v in zip(trainer.names, train["poisson"])})
       scalars.update(_scalars("val", val))
       writer.write_scalars(step, scalars)
+      every = config.train.figures_every_epochs
+      if every and (epoch + 1) % every == 0 and (epoch + 1) < config.train.num_epochs:
+        write_figures(writer, trainer, state, step, report)
       _say(f"epoch {epoch + 1}/{config.train.num_epochs} step {step}: train loss "
            f"{scalars['train/loss']:.1f}, val corr {val['single_trial_correlation_average']:.4f} "
            f"({action.value}, lr x{plateau.lr_scale:g})")
@@ -532,7 +536,20 @@ def evaluate_best(trainer: Trainer, best: ocp.CheckpointManager, workdir: str, w
           scalars.update({f"eval/{tier}/{k}/{mouse}": v for mouse, d in per_mouse.items()
                           for k, v in d.items() if v is not None})
       writer.write_scalars(step, scalars)
+      if trainer.config.train.figures_every_epochs:
+        write_figures(writer, trainer, state, step, prefix="best/")
   return result
+
+
+def write_figures(writer, trainer: Trainer, state: dict, step: int, report=None,
+                  prefix: str = "figures/"):
+  """TensorBoard images of `state` (v1t_jax.figures); skipped on several processes, where the
+  input pipeline gives each process only its slice of the validation tier."""
+  if jax.process_count() > 1:
+    return
+  from v1t_jax import figures
+  with report.timed("figures") if report is not None else contextlib.nullcontext():
+    writer.write_images(step, figures.summary_images(trainer, state, step=step, prefix=prefix))
 
 
 def evaluate_checkpoint(config, workdir: str) -> dict:

@@ -96,6 +96,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data = data_config()
   config.model = model_config()
   config.train = train_config()
+  config.mesh = ml_collections.ConfigDict()
+  # Devices along the readouts' neuron axis (it must divide the device count and the largest
+  # mouse's neuron count); the other devices split the batch. 1 = pure data parallelism.
+  config.mesh.neuron_shards = 1
   config.eval = ml_collections.ConfigDict()
   config.eval.step = ml_collections.config_dict.placeholder(int)  # None = the best checkpoint
   return config

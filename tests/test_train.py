@@ -200,3 +200,32 @@ def test_pretrained_core_is_loaded_and_frozen(tiny_data_dir, tmp_path):
   bad.model.emb_dim = 8
   with pytest.raises(ValueError, match="other shapes"):
     train.setup(bad).init_state(0)
+
+
+def test_neuron_sharded_mesh_equals_single_device(tiny_data_dir):
+  """mesh.neuron_shards=2 on 4 devices (2 data x 2 neurons) splits the readouts' neuron axis;
+  the step is unchanged and gives the single-device result."""
+  config = tiny_config(tiny_data_dir)
+  config.data.mice = ("90001-1-1", "90003-4-5")      # N_max 24: divisible by 2
+  config.mesh.neuron_shards = 2
+  mice = train.dataset_meta.resolve_mice(config.data.data_dir, config.data.mice)
+  batch = next(iter(input_pipeline.as_numpy(input_pipeline.train_dataset(mice, config.data))))
+  results = []
+  auto = (jax.sharding.AxisType.Auto,) * 2
+  for mesh in (train.make_mesh(2), jax.make_mesh((1, 1), ("data", "neurons"), axis_types=auto,
+                                                 devices=jax.devices()[:1])):
+    trainer = train.Trainer(config, mice, mesh, (36, 64, 1))
+    state = trainer.init_state(config.seed)
+    for step in range(2):
+      key = jax.random.fold_in(jax.random.key(config.seed), step)
+      state, out = trainer.train_step(state, trainer.device_batch(batch), key, 1.0)
+    results.append((float(out["loss"]), leaves(state)))
+    if mesh.devices.size == 4:
+      spec = state["params"]["readouts"]["features"].sharding.spec
+      assert tuple(spec)[:2] == (None, "neurons")
+  np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-5)
+  for a, b in zip(results[0][1], results[1][1]):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  config.data.mice = ()                                # N_max 31 cannot be split in 2
+  with pytest.raises(ValueError, match="must divide the largest mouse's neuron count"):
+    train.setup(config)

@@ -14,6 +14,7 @@ import json
 import os
 
 import numpy as np
+from etils import epath
 
 BUILDER_NAME = "sensorium_mouse"
 VERSION = "1.0.0"
@@ -132,12 +133,12 @@ def checkpoint_record(meta: MouseMeta) -> dict:
 
 
 def mouse_dir(data_dir: str, data_key: str) -> str:
-  return os.path.join(data_dir, BUILDER_NAME, data_key, VERSION)
+  return os.path.join(data_dir, BUILDER_NAME, data_key, VERSION)   # str: tfds and gs:// too
 
 
 def is_complete(path: str) -> bool:
   """tfds renames the folder into place only once everything is written."""
-  return all(os.path.isfile(os.path.join(path, f))
+  return all((epath.Path(path) / f).is_file()
              for f in ("dataset_info.json", META_JSON, META_NPZ))
 
 
@@ -145,18 +146,17 @@ def load_mouse_dir(path: str) -> MouseMeta:
   if not is_complete(path):
     raise FileNotFoundError(f"{path}: not a complete converted mouse (expected dataset_info.json, "
                             f"{META_JSON} and {META_NPZ}); run `python -m data_prep.convert`")
-  with open(os.path.join(path, META_JSON)) as f:
-    info = json.load(f)
-  with np.load(os.path.join(path, META_NPZ), allow_pickle=False) as z:
+  info = json.loads((epath.Path(path) / META_JSON).read_text())
+  with (epath.Path(path) / META_NPZ).open("rb") as f, np.load(f, allow_pickle=False) as z:
     arrays = {k: z[k] for k in z.files}
   return MouseMeta(path, info, arrays)
 
 
 def available_mice(data_dir: str) -> list[str]:
   """Data keys of the complete mice in data_dir, in V1T order for the published ones."""
-  root = os.path.join(data_dir, BUILDER_NAME)
-  keys = [k for k in (os.listdir(root) if os.path.isdir(root) else [])
-          if is_complete(mouse_dir(data_dir, k))]
+  root = epath.Path(data_dir) / BUILDER_NAME
+  keys = [p.name for p in (root.iterdir() if root.is_dir() else [])
+          if is_complete(mouse_dir(data_dir, p.name))]
   order = list(V1T_IDS)
   return sorted(keys, key=lambda k: (order.index(k) if k in order else len(order), k))
 

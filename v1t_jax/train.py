@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -130,6 +131,19 @@ def eval_step(params, buffers, batch, *, graphdef, n_train):
           "corr_sums": metrics.correlation_sums(aux["pred"], batch["responses"], batch["valid"])}
 
 
+def state_spec(path, leaf, mesh: jax.sharding.Mesh) -> P:
+  """Replicated, except the readouts' per-neuron arrays [M, N_max, ...] (and their Adam moments)
+  on a mesh with a `neurons` axis of size > 1: split along N_max there."""
+  keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+  shards = dict(zip(mesh.axis_names, mesh.devices.shape)).get("neurons", 1)
+  if shards == 1 or "readouts" not in keys or "grid_predictor" in keys or leaf.ndim < 2:
+    return P()
+  if leaf.shape[1] % shards:
+    raise ValueError(f"mesh.neuron_shards={shards} must divide the largest mouse's neuron count "
+                     f"({leaf.shape[1]}); choose a divisor or 1")
+  return P(None, "neurons")
+
+
 @dataclasses.dataclass
 class Trainer:
   """The jitted steps of one run plus what they need from the data (no config globals)."""
@@ -151,7 +165,9 @@ class Trainer:
     self.graphdef = split_model(abstract)[0]
     self.abstract_state = jax.eval_shape(
         lambda: new_state(build_model(self.config, self.mice, self.image_hwc, 0), self.tx))
-    self.state_sharding = jax.tree.map(lambda _: self.repl, self.abstract_state)
+    self.state_sharding = jax.tree_util.tree_map_with_path(
+        lambda path, leaf: NamedSharding(self.mesh, state_spec(path, leaf, self.mesh)),
+        self.abstract_state)
     self.train_step = jax.jit(
         functools.partial(train_step, graphdef=self.graphdef, tx=self.tx, n_train=self.n_train,
                           lrs=group_lrs(self.config.train)),
@@ -233,7 +249,7 @@ class Trainer:
 
 def pretrained_core(run_dir: str, graphdef, abstract_params) -> nnx.State:
   """The core parameters of another run's best checkpoint (same core shape required)."""
-  manager = ocp.CheckpointManager(os.path.join(os.path.abspath(run_dir), "best"))
+  manager = ocp.CheckpointManager(run_path(run_dir) / "best")
   step = manager.latest_step()
   if step is None:
     raise FileNotFoundError(f"train.pretrain_core={run_dir}: no checkpoint in {run_dir}/best")
@@ -313,11 +329,15 @@ def synthetic_truth(trainer: Trainer) -> dict[int, np.ndarray]:
 # Checkpoints.
 
 
+def run_path(workdir: str) -> epath.Path:
+  """A run directory as a path orbax and the writers accept: local (made absolute) or gs://."""
+  return epath.Path(workdir if "://" in workdir else os.path.abspath(workdir))
+
+
 def checkpoint_managers(workdir: str):
   options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
-  latest = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                                 options=options)
-  best = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "best"),
+  latest = ocp.CheckpointManager(run_path(workdir) / "checkpoints", options=options)
+  best = ocp.CheckpointManager(run_path(workdir) / "best",
                                options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
   return latest, best
 
@@ -345,16 +365,23 @@ def restore(manager: ocp.CheckpointManager, trainer: Trainer, step: int | None =
 # Loops.
 
 
-def make_mesh() -> jax.sharding.Mesh:
-  return jax.make_mesh((jax.device_count(),), ("data",),
-                       axis_types=(jax.sharding.AxisType.Auto,))
+def make_mesh(neuron_shards: int = 1) -> jax.sharding.Mesh:
+  """Every device of every process: `data` (the batch) x `neurons` (the readouts' neuron axis,
+  size 1 unless `mesh.neuron_shards` asks for more, for very large neuron counts)."""
+  n = jax.device_count()
+  if neuron_shards < 1 or n % neuron_shards:
+    raise ValueError(f"mesh.neuron_shards={neuron_shards} must divide the device count {n}")
+  auto = jax.sharding.AxisType.Auto
+  return jax.make_mesh((n // neuron_shards, neuron_shards), ("data", "neurons"),
+                       axis_types=(auto, auto))
 
 
 def setup(config):
   from v1t_jax import input_pipeline
   mice = dataset_meta.resolve_mice(config.data.data_dir, tuple(config.data.mice))
   reader = input_pipeline.readers(mice[:1], config.data)[0]
-  return Trainer(config, mice, make_mesh(), reader.output_hwc)
+  neuron_shards = config.mesh.neuron_shards if "mesh" in config else 1
+  return Trainer(config, mice, make_mesh(neuron_shards), reader.output_hwc)
 
 
 def _scalars(prefix: str, result: dict) -> dict:
@@ -440,15 +467,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if not np.isfinite(val["single_trial_correlation_average"]):
         stop_reason = f"NaN validation correlation in epoch {epoch}"
         break
-      save(latest, state, _meta(step, epoch + 1, plateau, run=trainer.run_info))
       if action is Action.IMPROVED:
+        # Best before latest, and finished first: a run killed in between resumes from the
+        # previous latest checkpoint and redoes this epoch (save() replaces the best step).
         save(best, state, _meta(step, epoch + 1, plateau, val=val, run=trainer.run_info))
+        best.wait_until_finished()
       elif action is Action.REDUCE:
-        # Reload the best weights, keep the optimizer moments (the original's scheduler).
+        # Reload the best weights, keep the optimizer moments (the original's scheduler); before
+        # the latest save, so a run resumed from it continues from the reloaded weights.
         best.wait_until_finished()
         best_state, _ = restore(best, trainer)
         state = dict(state, params=best_state["params"])
-      elif action is Action.STOP:
+      save(latest, state, _meta(step, epoch + 1, plateau, run=trainer.run_info))
+      if action is Action.STOP:
         stop_reason = f"no improvement after {plateau.max_reduce} learning-rate reductions"
         break
     latest.wait_until_finished()
@@ -522,11 +553,9 @@ def evaluate_best(trainer: Trainer, best: ocp.CheckpointManager, workdir: str, w
                       "single_trial_correlation_average": challenge["test"]["average"][
                           "single_trial_correlation"]}
   if jax.process_index() == 0:
-    os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
-    with open(os.path.join(workdir, "eval", "metrics.json"), "w") as f:
-      json.dump(challenge, f, indent=1)
-    with open(os.path.join(workdir, "evaluation.json"), "w") as f:
-      json.dump(result, f, indent=1)
+    (run_path(workdir) / "eval").mkdir(parents=True, exist_ok=True)
+    (run_path(workdir) / "eval" / "metrics.json").write_text(json.dumps(challenge, indent=1))
+    (run_path(workdir) / "evaluation.json").write_text(json.dumps(result, indent=1))
     if writer is not None:
       scalars = _scalars("final_val", result["validation"])
       if "test" in result:

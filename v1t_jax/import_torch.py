@@ -701,22 +701,16 @@ def restore_model(workdir: str):
   from flax import nnx
 
   from v1t_jax import train
-  from v1t_jax.model import V1T, ModelConfig
+  from v1t_jax.model import ModelConfig
 
-  manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "best"))
+  manager = ocp.CheckpointManager(train.run_path(workdir) / "best")
   step = manager.latest_step()
   if step is None:
     raise FileNotFoundError(f"{workdir}: no checkpoint in {workdir}/best")
   run = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta["run"]
-  counts = [m["neurons"] for m in run["mice"]]
-
-  def build():
-    return V1T(ModelConfig.from_config(run["config"]["model"]), neuron_counts=counts,
-               coordinates=np.zeros((len(counts), max(counts), 3), np.float32),
-               image_shape=tuple(run["image_hwc"]), rngs=nnx.Rngs(0))
-
-  abstract = nnx.eval_shape(build)
-  target = jax.eval_shape(lambda: train.new_state(build(), train.make_optimizer_for_restore()))
+  abstract = train.abstract_model(ModelConfig.from_config(run["config"]["model"]),
+                                  [m["neurons"] for m in run["mice"]], run["image_hwc"])
+  target = jax.eval_shape(lambda: train.new_state(abstract, train.make_optimizer_for_restore()))
   state = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(target))).state
   manager.close()

@@ -38,7 +38,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from v1t_jax import image_stage, train
-from v1t_jax.model import V1T, ModelConfig
+from v1t_jax.model import ModelConfig
 
 CHECKPOINT_DIRS = {"best": "best", "latest": "checkpoints"}   # train.checkpoint_managers' layout
 
@@ -356,15 +356,8 @@ class Predictor:
 
 
 def _abstract_model(model_cfg: ModelConfig, counts: Sequence[int], image_hwc):
-  """(graphdef, params, buffers) of a V1T with these mice, shapes only (values come from the
-  checkpoint: coordinates and bias statistics are placeholders)."""
-  n_max = max(counts)
-  placeholder = np.ones((len(counts), n_max), np.float32)
-  model = nnx.eval_shape(lambda: V1T(
-      model_cfg, neuron_counts=counts, coordinates=np.zeros((len(counts), n_max, 3), np.float32),
-      image_shape=tuple(image_hwc), response_mean=placeholder, response_std=placeholder,
-      rngs=nnx.Rngs(0)))
-  return train.split_model(model)
+  """(graphdef, params, buffers) of a V1T with these mice, shapes only."""
+  return train.split_model(train.abstract_model(model_cfg, counts, image_hwc))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -247,6 +247,17 @@ class Trainer:
     return out
 
 
+def abstract_model(model_cfg: ModelConfig, counts: Sequence[int], image_hwc) -> V1T:
+  """A V1T of these mice with shapes only, to restore a checkpoint into (the coordinates and
+  the bias statistics are placeholders: their values come from the checkpoint)."""
+  n_max = max(counts)
+  placeholder = np.ones((len(counts), n_max), np.float32)
+  return nnx.eval_shape(lambda: V1T(
+      model_cfg, neuron_counts=counts, coordinates=np.zeros((len(counts), n_max, 3), np.float32),
+      image_shape=tuple(image_hwc), response_mean=placeholder, response_std=placeholder,
+      rngs=nnx.Rngs(0)))
+
+
 def pretrained_core(run_dir: str, graphdef, abstract_params) -> nnx.State:
   """The core parameters of another run's best checkpoint (same core shape required)."""
   manager = ocp.CheckpointManager(run_path(run_dir) / "best")
@@ -258,11 +269,8 @@ def pretrained_core(run_dir: str, graphdef, abstract_params) -> nnx.State:
   if not run:
     raise ValueError(f"train.pretrain_core={run_dir}: its checkpoint does not record its config")
   # Rebuild that run's model abstractly (its own mice and neuron counts) to restore its state.
-  other = ModelConfig.from_config(run["config"]["model"])
-  counts = [m["neurons"] for m in run["mice"]]
-  model = nnx.eval_shape(lambda: V1T(other, neuron_counts=counts,
-                                     coordinates=np.zeros((len(counts), max(counts), 3)),
-                                     image_shape=tuple(run["image_hwc"]), rngs=nnx.Rngs(0)))
+  model = abstract_model(ModelConfig.from_config(run["config"]["model"]),
+                         [m["neurons"] for m in run["mice"]], run["image_hwc"])
   target = jax.eval_shape(lambda: new_state(model, make_optimizer_for_restore()))
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(target))).state

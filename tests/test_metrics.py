@@ -69,3 +69,43 @@ def test_tier_metrics_equal_the_evaluator_formulas():
   single = metrics.TierMetrics(n)
   single.add(pred[:30], target[:30], np.arange(30), np.ones(30, bool))
   assert np.isnan(single.result()["feve"])   # no repeats: FEVE undefined
+
+
+def fev_neuron(delta2: float) -> np.ndarray:
+  """Responses to two images x 2 repeats with FEV = 1 - 6 / (4 + delta2) (noise var 2, ddof 1)."""
+  a, b = 0.0, np.sqrt(delta2)
+  return np.array([a - 1, a + 1, b - 1, b + 1])
+
+
+def test_fev_threshold_edge():
+  # FEV 0.1501 is kept, FEV 0.1499 is dropped (the challenge keeps FEV >= 0.15).
+  keep, drop = 6 / (1 - 0.1501) - 4, 6 / (1 - 0.1499) - 4
+  target = np.stack([fev_neuron(keep), fev_neuron(drop)], axis=1)
+  image_ids = np.array([3, 3, 8, 8])
+  pred = target + np.array([[0.3, -0.2]] * 4)
+  want = reference_metrics(pred, target, image_ids)
+  acc = metrics.TierMetrics(2)
+  acc.add(pred, target, image_ids, np.ones(4, bool))
+  got = acc.result()
+  np.testing.assert_allclose(got["feve"], want["feve"], rtol=1e-9)
+  only_first = metrics.TierMetrics(1)
+  only_first.add(pred[:, :1], target[:, :1], image_ids, np.ones(4, bool))
+  np.testing.assert_allclose(got["feve"], only_first.result()["feve"], rtol=1e-12)
+  none = metrics.TierMetrics(1)
+  none.add(pred[:, 1:], target[:, 1:], image_ids, np.ones(4, bool))
+  assert np.isnan(none.result()["feve"])   # no neuron passes: undefined
+
+
+def test_sharded_sums_equal_unsharded():
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  rng = np.random.default_rng(2)
+  pred = rng.gamma(2.0, size=(3, 8, 11)).astype(np.float32)
+  target = rng.normal(size=pred.shape).astype(np.float32)
+  valid = rng.uniform(size=(3, 8)) > 0.2
+  mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  on = NamedSharding(mesh, P(None, "data"))
+  sharded = jax.jit(metrics.correlation_sums)(*(jax.device_put(x, on)
+                                               for x in (pred, target, valid)))
+  assert len(jax.device_put(pred, on).sharding.device_set) == 4
+  np.testing.assert_allclose(np.asarray(sharded),
+                             np.asarray(metrics.correlation_sums(pred, target, valid)), rtol=1e-6)

@@ -18,7 +18,9 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 Initializer = Callable[..., jax.Array]
 
@@ -116,11 +118,100 @@ def split_key(key: jax.Array | None, num: int) -> list[jax.Array | None]:
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-  """Inverted dropout (PyTorch semantics); identity when key is None or rate is 0."""
+  """Inverted dropout (PyTorch semantics); identity when key is None or rate is 0.
+
+  The mask is jax.random.bernoulli(key, 1 - rate, x.shape), bit for bit (see `keep_mask`).
+  """
   if key is None or rate == 0.0:
     return x
-  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  keep = keep_mask(key, 1.0 - rate, x.shape)
   return jnp.where(keep, x / (1.0 - rate), 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dropout masks: the bits of jax.random.bernoulli without its slow CPU lowering.
+#
+# JAX lowers Threefry on CPU as a rolled loop over whole arrays (rotation amounts in the loop
+# state), ~50 ns per element on our 2-core VM: the attention masks of one default train step
+# (~700M elements for 16 examples) took longer than the attention matmuls. The same hash written
+# out with constant rotations fuses into its consumer and vectorises, ~10x faster. With JAX's
+# default `jax_threefry_partitionable`, element i of a bits array of any shape is
+# threefry(key, (i >> 32, i & 0xffffffff)) with the two output words xor-ed, so any contiguous
+# range of a mask can be made alone (attention makes its mask chunk by chunk).
+
+_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+_THREEFRY_PARITY = 0x1BD11BDA
+
+
+def _threefry2x32(k1: jax.Array, k2: jax.Array, x1: jax.Array, x2: jax.Array):
+  """The Threefry-2x32 block cipher, 20 rounds (Salmon et al. 2011), on uint32 arrays."""
+  ks = (k1, k2, k1 ^ k2 ^ np.uint32(_THREEFRY_PARITY))
+  x1, x2 = x1 + ks[0], x2 + ks[1]
+  for i in range(5):
+    for r in _THREEFRY_ROTATIONS[i % 2]:
+      x1 = x1 + x2
+      x2 = (x2 << np.uint32(r)) | (x2 >> np.uint32(32 - r))
+      x2 = x1 ^ x2
+    x1 = x1 + ks[(i + 1) % 3]
+    x2 = x2 + ks[(i + 2) % 3] + np.uint32(i + 1)
+  return x1, x2
+
+
+def _fast_bits_apply(key: jax.Array) -> bool:
+  """True when jax.random's bits are the partitionable Threefry that `keep_mask` reproduces."""
+  return (str(jax.random.key_impl(key)) == "threefry2x32"
+          and bool(jax.config.jax_threefry_partitionable))
+
+
+def keep_mask(
+    key: jax.Array,
+    keep: float,
+    shape: Sequence[int],
+    *,
+    full_shape: Sequence[int] | None = None,
+    block: jax.Array | int = 0,
+) -> jax.Array:
+  """jax.random.bernoulli(key, keep, full_shape), bit for bit, or one block of it.
+
+  With `full_shape`, returns block number `block` (static or traced) of the flattened mask cut
+  into consecutive pieces of prod(shape) elements, shaped `shape`: e.g. full_shape [N, H, T, T],
+  shape [c, H, T, T] and block b give the mask of examples [b*c, (b+1)*c).
+  """
+  full_shape = tuple(shape) if full_shape is None else tuple(full_shape)
+  size, full_size = math.prod(shape), math.prod(full_shape)
+  if full_size % size:
+    raise ValueError(f"blocks of {tuple(shape)} do not tile {full_shape}")
+  if not _fast_bits_apply(key) or size >= 2**32 or full_size // size > 2**16:
+    full = jax.random.bernoulli(key, keep, full_shape).reshape(-1)
+    return jax.lax.dynamic_slice_in_dim(full, block * size, size).reshape(shape)
+  # bernoulli(p) is uniform < p, the uniform being (bits >> 9) * 2^-23: compare the bits.
+  p = float(np.float32(keep))
+  if p >= 1.0 or p <= 0.0:
+    return jnp.full(shape, p >= 1.0)
+  threshold = np.uint32(math.ceil(p * 2**23) << 9)
+  # 64-bit start index block * size as (hi, lo) uint32 words, with 16-bit limbs of size.
+  block = jnp.asarray(block, jnp.uint32)
+  low_part = block * np.uint32(size & 0xFFFF)
+  high_part = block * np.uint32(size >> 16)
+  start_lo = (high_part << np.uint32(16)) + low_part
+  start_hi = (high_part >> np.uint32(16)) + (start_lo < low_part).astype(jnp.uint32)
+  # The mask is made as 32-bit words, 32 positions of the last axis each: XLA fuses the hash
+  # into that reduction once, where it would copy an elementwise hash into every fusion that
+  # reads the mask (forward and backward consumers), each time paying ~100 integer ops per bit.
+  *lead, length = shape
+  words = -(-length // 32)
+  lead_index = jax.lax.iota(jnp.uint32, math.prod(lead)).reshape(tuple(lead) + (1, 1))
+  bit = jax.lax.broadcasted_iota(jnp.uint32, (words, 32), 1)
+  position = jax.lax.broadcasted_iota(jnp.uint32, (words, 32), 0) * np.uint32(32) + bit
+  local = lead_index * np.uint32(length) + position   # padding positions: ignored below
+  lo = start_lo + local
+  hi = start_hi + (lo < local).astype(jnp.uint32)
+  k1, k2 = jax.random.key_data(key)
+  bits1, bits2 = _threefry2x32(k1, k2, hi, lo)
+  kept = ((bits1 ^ bits2) < threshold).astype(jnp.uint32) << bit
+  packed = jax.lax.reduce(kept, np.uint32(0), jax.lax.bitwise_or, (kept.ndim - 1,))
+  unpacked = (packed[..., None] >> jax.lax.broadcasted_iota(jnp.uint32, (words, 32), 1)) & 1
+  return unpacked.reshape(tuple(lead) + (words * 32,))[..., :length].astype(bool)
 
 
 def drop_path(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
@@ -262,6 +353,87 @@ class PatchEmbedding(nnx.Module):
     return dropout(tokens_NxTxD, self.p_dropout, key)
 
 
+# Attention memory and speed. A default block's attention logits are [N, 4, 1654, 1654] floats,
+# 44 MB per example. They are computed in chunks of (example, head) rows so that no [N, H, T, T]
+# array beyond one chunk's is alive at once; the backward pass keeps the probabilities (4 bytes per
+# logit, the dropout decision in their sign) of the first blocks while their total fits
+# `SAVE_PROBS_LOGITS`, and recomputes the others' chunk by chunk (one more T x T x D matmul per
+# head): with 16 examples (175M logits per block) the first 3 of 4 blocks keep theirs.
+ATTENTION_PROBS = "attention_probs"  # checkpoint name of the softmax output (autodiff path)
+ATTENTION_CHUNK_LOGITS = 2**25  # logits per chunk (128 MiB of float32)
+SAVE_PROBS_LOGITS = 2**29  # all blocks together: keep up to 2 GiB of probabilities
+
+
+def attention_chunk(rows: int, logits_per_row: int) -> int:
+  """Rows per attention chunk: the largest divisor of rows whose logits fit the chunk budget."""
+  return max(c for c in range(1, rows + 1)
+             if rows % c == 0 and (c == 1 or c * logits_per_row <= ATTENTION_CHUNK_LOGITS))
+
+
+def save_attention_probs(rows: int, num_tokens: int, block_index: int = 0) -> bool:
+  """Whether the backward pass keeps block `block_index`'s attention probabilities (else
+  recomputes them): blocks 0..block_index together within `SAVE_PROBS_LOGITS`."""
+  return (block_index + 1) * rows * num_tokens * num_tokens <= SAVE_PROBS_LOGITS
+
+
+def _signed_probs(q, k, key, block, num_rows, scale, keep, dtype):
+  """softmax(q k^T scale) of [c, T, D] rows, negated where dropout drops the entry.
+
+  The sign carries the dropout decision at no memory cost: probabilities are >= 0, and where one
+  is exactly 0 the decision does not matter (it contributes nothing either way).
+  """
+  logits = jnp.einsum("nqd,nkd->nqk", q.astype(dtype), k.astype(dtype),
+                      preferred_element_type=jnp.float32) * scale
+  probs = jax.nn.softmax(logits, axis=-1)
+  if keep < 1.0:
+    mask = keep_mask(key, keep, probs.shape, full_shape=(num_rows,) + probs.shape[1:], block=block)
+    probs = jnp.where(mask, probs, -probs)
+  return probs
+
+
+def _dropped(signed, keep):
+  """Dropped-out probabilities (inverted dropout) from signed ones."""
+  return signed if keep >= 1.0 else jnp.maximum(signed, 0.0) / keep
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _attend(q, k, v, key, block, num_rows, scale, keep, save, dtype):
+  """Dropout(softmax(q k^T scale)) v for one chunk of [c, T, D] rows, with a hand-written VJP.
+
+  The VJP keeps (or recomputes) only the signed probabilities and gets softmax's row term from
+  the outputs (sum_j P_ij dP_ij = dO_i . O_i), so the dropout mask is drawn once per pass and
+  no other [c, T, T] array is saved. `block`: this chunk's index among num_rows / c.
+  """
+  return _attend_fwd(q, k, v, key, block, num_rows, scale, keep, save, dtype)[0]
+
+
+def _attend_fwd(q, k, v, key, block, num_rows, scale, keep, save, dtype):
+  signed = _signed_probs(q, k, key, block, num_rows, scale, keep, dtype)
+  out = jnp.einsum("nqk,nkd->nqd", _dropped(signed, keep).astype(dtype), v.astype(dtype),
+                   preferred_element_type=jnp.float32)
+  return out, (q, k, v, key, block, signed if save else None, out)
+
+
+def _attend_bwd(num_rows, scale, keep, save, dtype, residuals, d_out):
+  del save
+  q, k, v, key, block, signed, out = residuals
+  if signed is None:
+    signed = _signed_probs(q, k, key, block, num_rows, scale, keep, dtype)
+  d_dropped = jnp.einsum("nqd,nkd->nqk", d_out.astype(dtype), v.astype(dtype),
+                         preferred_element_type=jnp.float32)
+  row_term = jnp.sum(d_out * out, axis=-1, keepdims=True)
+  d_probs = d_dropped if keep >= 1.0 else jnp.where(signed > 0.0, d_dropped / keep, 0.0)
+  d_logits = (jnp.abs(signed) * (d_probs - row_term) * scale).astype(dtype)
+  dq = jnp.einsum("nqk,nkd->nqd", d_logits, k.astype(dtype), preferred_element_type=jnp.float32)
+  dk = jnp.einsum("nqk,nqd->nkd", d_logits, q.astype(dtype), preferred_element_type=jnp.float32)
+  dv = jnp.einsum("nqk,nqd->nkd", _dropped(signed, keep).astype(dtype), d_out.astype(dtype),
+                  preferred_element_type=jnp.float32)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
+
+
 class Attention(nnx.Module):
   """Pre-norm multi-head attention with full-width heads (head dim = D, inner width H*D, §3.2)."""
 
@@ -276,8 +448,12 @@ class Attention(nnx.Module):
       fused: bool,
       compute_dtype: str,
       rngs: nnx.Rngs,
+      block_index: int = 0,
   ):
+    """block_index: the block's position in the core (which blocks keep attention
+    probabilities for the backward pass, see `save_attention_probs`)."""
     self.num_heads, self.t_dropout, self.use_lsa, self.fused = num_heads, t_dropout, use_lsa, fused
+    self.block_index = block_index
     self.dtype = COMPUTE_DTYPES[compute_dtype]
     inner = emb_dim * num_heads
     self.layer_norm = layer_norm(emb_dim, rngs=rngs)
@@ -293,22 +469,72 @@ class Attention(nnx.Module):
   def _head_scale(self) -> jax.Array | float:
     return self.scale[...] if self.use_lsa else self.scale
 
-  def _reference(self, q, k, v, key):
-    """Explicit softmax attention; returns (out [N,T,H,D], probs [N,H,T,T] before dropout)."""
-    logits_NxHxTxT = jnp.einsum(
-        "nqhd,nkhd->nhqk", q.astype(self.dtype), k.astype(self.dtype),
-        preferred_element_type=jnp.float32)
+  def _chunk(self, q, k, v, key, block, num_examples):
+    """Softmax attention of one chunk of examples, head-major [c, H, T, D] operands.
+
+    Returns (out [c, H, T, D], probs [c, H, T, T] before dropout). The dropout mask is block
+    `block` of the [num_examples, H, T, T] mask, so chunking never changes the random bits.
+    """
+    logits = jnp.einsum("nhqd,nhkd->nhqk", q.astype(self.dtype), k.astype(self.dtype),
+                        preferred_element_type=jnp.float32)
     scale = self._head_scale()
-    logits_NxHxTxT = logits_NxHxTxT * (scale[:, None, None] if self.use_lsa else scale)
+    logits = logits * (scale[:, None, None] if self.use_lsa else scale)
     if self.use_lsa:  # a token may not attend to itself (cls included)
-      eye = jnp.eye(logits_NxHxTxT.shape[-1], dtype=bool)
-      logits_NxHxTxT = jnp.where(eye, -jnp.finfo(jnp.float32).max, logits_NxHxTxT)
-    probs_NxHxTxT = jax.nn.softmax(logits_NxHxTxT, axis=-1)
-    dropped = dropout(probs_NxHxTxT, self.t_dropout, key)
-    out_NxTxHxD = jnp.einsum(
-        "nhqk,nkhd->nqhd", dropped.astype(self.dtype), v.astype(self.dtype),
-        preferred_element_type=jnp.float32)
-    return out_NxTxHxD, probs_NxHxTxT
+      eye = jnp.eye(logits.shape[-1], dtype=bool)
+      logits = jnp.where(eye, -jnp.finfo(jnp.float32).max, logits)
+    probs = checkpoint_name(jax.nn.softmax(logits, axis=-1), ATTENTION_PROBS)
+    dropped = probs
+    if key is not None and self.t_dropout > 0.0:
+      keep = keep_mask(key, 1.0 - self.t_dropout, probs.shape,
+                       full_shape=(num_examples,) + probs.shape[1:], block=block)
+      dropped = jnp.where(keep, probs / (1.0 - self.t_dropout), 0.0)
+    out = jnp.einsum("nhqk,nhkd->nhqd", dropped.astype(self.dtype), v.astype(self.dtype),
+                     preferred_element_type=jnp.float32)
+    return out, probs
+
+  def _reference(self, q, k, v, key, return_probs):
+    """Explicit softmax attention by autodiff; returns (out [N,T,H,D], probs [N,H,T,T] before
+    dropout, or None). The path of LSA and of requested probabilities; runs in chunks of
+    examples, each rematerialised (probabilities kept where `save_attention_probs`)."""
+    n, t, h, _ = q.shape
+    q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))   # head-major [N, H, T, D]
+    chunk = attention_chunk(n, h * t * t)
+    policy = (jax.checkpoint_policies.save_only_these_names(ATTENTION_PROBS)
+              if save_attention_probs(n * h, t, self.block_index)
+              else jax.checkpoint_policies.nothing_saveable)
+
+    @functools.partial(jax.checkpoint, policy=policy)
+    def run(block, q, k, v):
+      out, probs = self._chunk(q, k, v, key, block, n)
+      return out, (probs if return_probs else None)
+
+    if chunk == n:
+      out, probs = run(0, q, k, v)
+    else:
+      split = lambda x: x.reshape((n // chunk, chunk) + x.shape[1:])
+      out, probs = jax.lax.map(lambda a: run(*a), (jnp.arange(n // chunk), *map(split, (q, k, v))))
+      out = out.reshape((n,) + out.shape[2:])
+      probs = None if probs is None else probs.reshape((n,) + probs.shape[2:])
+    return out.transpose(0, 2, 1, 3), probs
+
+  def _fast(self, q, k, v, key):
+    """The same attention as `_reference` without probabilities or LSA, with a hand-written
+    backward pass (`_attend`), in chunks of (example, head) rows. Returns out [N, T, H, D]."""
+    n, t, h, d = q.shape
+    rows = n * h
+    q, k, v = (x.transpose(0, 2, 1, 3).reshape(rows, t, d) for x in (q, k, v))
+    keep = 1.0 if key is None else 1.0 - self.t_dropout
+    chunk = attention_chunk(rows, t * t)
+    attend = functools.partial(_attend, num_rows=rows, scale=self.scale, keep=keep,
+                               save=save_attention_probs(rows, t, self.block_index),
+                               dtype=self.dtype)
+    if chunk == rows:
+      out = attend(q, k, v, key, 0)
+    else:
+      split = lambda x: x.reshape((rows // chunk, chunk) + x.shape[1:])
+      out = jax.lax.map(lambda a: attend(a[1], a[2], a[3], key, a[0]),
+                        (jnp.arange(rows // chunk), *map(split, (q, k, v))))
+    return out.reshape(n, h, t, d).transpose(0, 2, 1, 3)
 
   def _fused(self, q, k, v):
     """jax.nn.dot_product_attention; the scale must be explicit (its default is 1/sqrt(D))."""
@@ -334,8 +560,10 @@ class Attention(nnx.Module):
     use_fused = self.fused and not return_attention and (key is None or self.t_dropout == 0.0)
     if use_fused:
       out_NxTxHxD, probs = self._fused(q, k, v), None
+    elif return_attention or self.use_lsa:
+      out_NxTxHxD, probs = self._reference(q, k, v, prob_key, return_attention)
     else:
-      out_NxTxHxD, probs = self._reference(q, k, v, prob_key)
+      out_NxTxHxD, probs = self._fast(q, k, v, prob_key), None
     out_NxTxD = self.projection(out_NxTxHxD.reshape(n, num_tokens, -1))
     return dropout(out_NxTxD, self.t_dropout, out_key), probs if return_attention else None
 
@@ -394,11 +622,12 @@ class Block(nnx.Module):
       bmlp_mice: int | None,
       compute_dtype: str,
       rngs: nnx.Rngs,
+      block_index: int = 0,
   ):
     self.drop_path_rate = drop_path
     self.mha = Attention(
         emb_dim, num_heads, t_dropout=t_dropout, use_lsa=use_lsa, use_bias=use_bias, fused=fused,
-        compute_dtype=compute_dtype, rngs=rngs)
+        compute_dtype=compute_dtype, rngs=rngs, block_index=block_index)
     self.mlp = MLP(emb_dim, mlp_dim, t_dropout=t_dropout, use_bias=use_bias,
                    compute_dtype=compute_dtype, rngs=rngs)
     make_bmlp = functools.partial(
@@ -469,8 +698,8 @@ class ViTCore(nnx.Module):
         Block(emb_dim=emb_dim, num_heads=num_heads, mlp_dim=mlp_dim, t_dropout=t_dropout,
               drop_path=drop_path, use_lsa=use_lsa, use_bias=not disable_bias,
               fused=attention == "fused", behavior_dim=behavior_dim, bmlp_mice=bmlp_mice,
-              compute_dtype=compute_dtype, rngs=rngs)
-        for _ in range(num_blocks)
+              compute_dtype=compute_dtype, rngs=rngs, block_index=i)
+        for i in range(num_blocks)
     ])
     self.map_hw = find_shape(self.patch_embedding.num_patches)
     self.output_shape = (*self.map_hw, emb_dim)  # channels-last (h, w, D), e.g. (29, 57, 155)

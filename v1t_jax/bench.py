@@ -26,6 +26,7 @@ import argparse
 import ast
 import contextlib
 import ctypes
+import ctypes.util
 import importlib
 import importlib.util
 import json
@@ -39,12 +40,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from v1t_jax import allocator
+
 SENSORIUM_PLUS_NEURONS = (7538, 8372, 7344, 7334, 8107, 8098)  # S1, A-E (model_spec.md §2.1)
 N_TRAIN = 4500  # training trials per mouse for ds_scale (Sensorium+ mice have ~4,400-4,500)
 GIB = 2.0**30
-
-# glibc mallopt parameters (malloc.h).
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -3, -4, -8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,24 +220,34 @@ def peak_rss_gib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
 
 
-def tune_glibc_malloc() -> bool:
-  """Keeps freed memory in the process instead of returning it to the OS after every call.
+JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1,narenas:1"   # keep freed pages, one arena
 
-  XLA:CPU allocates each execution's buffers with malloc from its worker threads. glibc serves
-  those from per-thread arenas, which hand any block too big for their 64 MiB heaps to a fresh
-  mmap (whatever M_MMAP_MAX says) and unmap it on free, so every step page-faults its
-  activations in again: system time. One arena (M_ARENA_MAX 1), no mmap'd chunks and no
-  trimming make glibc reuse its heap. Call before JAX starts its threads. Returns False where
-  glibc's mallopt is unavailable.
-  """
+
+def allocator_in_use() -> str:
+  """'jemalloc' or 'tcmalloc' when preloaded (LD_PRELOAD), else 'glibc'."""
   try:
-    mallopt = ctypes.CDLL("libc.so.6").mallopt
-  except (OSError, AttributeError):
-    return False
-  ok = mallopt(M_ARENA_MAX, 1) == 1
-  ok &= mallopt(M_MMAP_MAX, 0) == 1
-  ok &= mallopt(M_TRIM_THRESHOLD, -1) == 1   # glibc reads it as size_t: SIZE_MAX, never
-  return bool(ok)
+    with open("/proc/self/maps") as f:
+      maps = f.read()
+  except OSError:
+    return "unknown"
+  for name in ("jemalloc", "tcmalloc"):
+    if f"lib{name}" in maps:
+      return name
+  return "glibc"
+
+
+def _exec_with_jemalloc(argv: Sequence[str]):
+  """Restarts this command with jemalloc preloaded (JEMALLOC_CONF: never purge freed pages)."""
+  path = ctypes.util.find_library("jemalloc")
+  candidates = [p for p in (path, "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+                            "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2") if p]
+  found = next((p for p in candidates if os.path.isabs(p) and os.path.exists(p)), None)
+  if found is None and path:   # a bare soname: the dynamic loader finds it
+    found = path
+  if found is None:
+    raise SystemExit("--malloc=jemalloc: libjemalloc not found (apt-get install libjemalloc2)")
+  env = dict(os.environ, LD_PRELOAD=found, MALLOC_CONF=os.environ.get("MALLOC_CONF", JEMALLOC_CONF))
+  os.execve(sys.executable, [sys.executable, "-m", "v1t_jax.bench", *argv], env)
 
 
 def peak_device_gib(device) -> float | None:
@@ -345,14 +355,21 @@ def measure(what: str, trainer, batch: dict, *, iters: int, warmup: int, seed: i
     raise ValueError(f"what must be train_step or forward, got {what!r}")
   peak_compile = peak_rss_gib()
   reset = _reset_peak_rss() and reset   # the steps' own peak, without the compiler's
+  def settle():
+    # The runtime frees a step's temporaries just after its outputs are ready; give it a moment
+    # so that the next step does not allocate its own next to them (a spurious 2x peak).
+    time.sleep(0.2)
+
   for i in range(warmup):
     jax.block_until_ready(run(i))
+    settle()
   times = []
   user0, sys0, faults0 = _cpu_times()
   for i in range(warmup, warmup + iters):
     t0 = time.perf_counter()
     jax.block_until_ready(run(i))
     times.append(time.perf_counter() - t0)
+    settle()
   user1, sys1, faults1 = _cpu_times()
   return {"times": times, "compile_s": compile_s, "xla_flops": _xla_flops(compiled),
           "xla_memory": _xla_memory_gib(compiled),
@@ -380,8 +397,9 @@ def parse_args(argv: Sequence[str] | None):
                  help="device peak GFLOP/s for MFU (e.g. 234: NumPy fp32 matmul on the 2-core VM)")
   p.add_argument("--n_train", type=int, default=N_TRAIN, help="train trials per mouse (ds_scale)")
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--malloc", choices=("tuned", "stock"), default="tuned",
-                 help="tuned: glibc keeps freed memory (no mmap, no trim); stock: glibc defaults")
+  p.add_argument("--malloc", choices=("glibc", "jemalloc", "stock"), default="glibc",
+                 help="glibc: keep freed memory (v1t_jax.allocator, as launch_train.py); "
+                      "jemalloc: restart with jemalloc preloaded, never purging; stock: defaults")
   args, rest = p.parse_known_args(argv)
   for item in rest:   # --model.x=v / --train.x=v as shorthands for --set
     if item.startswith("--") and "." in item.split("=")[0] and "=" in item:
@@ -392,8 +410,11 @@ def parse_args(argv: Sequence[str] | None):
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
+  argv = sys.argv[1:] if argv is None else list(argv)
   args = parse_args(argv)
-  malloc_tuned = tune_glibc_malloc() if args.malloc == "tuned" else False
+  if args.malloc == "jemalloc" and allocator_in_use() != "jemalloc":
+    _exec_with_jemalloc(argv)
+  malloc_tuned = allocator.keep_freed_memory() if args.malloc == "glibc" else False
   load_avg = os.getloadavg()
 
   import flax
@@ -451,7 +472,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         "image_hwc": list(hwc),
         "compute_dtype": model_cfg.compute_dtype,
         "attention": model_cfg.attention,
-        "malloc_tuned": malloc_tuned,
+        "malloc": args.malloc,
+        "allocator": allocator_in_use(),
+        "glibc_tuned": malloc_tuned,
         "iters": args.iters,
         "warmup": args.warmup,
         "load_avg_1m": load_avg[0],

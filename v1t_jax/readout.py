@@ -118,8 +118,9 @@ def _sample_and_weigh_bwd(residuals, d_out_BxN):
   d_features = _tree_sum(
       sum(g_BxNx4[b, :, k, None] * flat_PxC[index_BxNx4[b, :, k]] for k in range(4))
       for b in range(index_BxNx4.shape[0]))
-  d_flat = jnp.zeros_like(flat_PxC).at[index_BxNx4].add(
-      g_BxNx4[..., None] * features_NxC[None, :, None, :])
+  d_flat = jnp.zeros_like(flat_PxC)
+  for k in range(4):   # one corner at a time: a [B, N, C] update array, not [B, N, 4, C]
+    d_flat = d_flat.at[index_BxNx4[..., k]].add(g_BxNx4[..., k, None] * features_NxC)
   return d_flat, None, d_weight, d_features
 
 

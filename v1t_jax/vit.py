@@ -177,17 +177,42 @@ def keep_mask(
   into consecutive pieces of prod(shape) elements, shaped `shape`: e.g. full_shape [N, H, T, T],
   shape [c, H, T, T] and block b give the mask of examples [b*c, (b+1)*c).
   """
+  words = keep_words(key, keep, shape, full_shape=full_shape, block=block)
+  if words is None:
+    full_shape = tuple(shape) if full_shape is None else tuple(full_shape)
+    full = jax.random.bernoulli(key, keep, full_shape).reshape(-1)
+    size = math.prod(shape)
+    return jax.lax.dynamic_slice_in_dim(full, block * size, size).reshape(shape)
+  return unpack_keep_words(words, shape[-1])
+
+
+def keep_words(
+    key: jax.Array,
+    keep: float,
+    shape: Sequence[int],
+    *,
+    full_shape: Sequence[int] | None = None,
+    block: jax.Array | int = 0,
+) -> jax.Array | None:
+  """`keep_mask`'s mask packed 32 positions of the last axis per uint32 word (bit j of word w is
+  position 32 w + j), shape [*shape[:-1], ceil(shape[-1] / 32)]; None where the key's bits are
+  not the Threefry that we reproduce (`keep_mask` then calls jax.random.bernoulli).
+
+  32x smaller than the boolean mask: the attention backward pass keeps these words instead of
+  hashing again (one eighth of a byte per logit).
+  """
   full_shape = tuple(shape) if full_shape is None else tuple(full_shape)
   size, full_size = math.prod(shape), math.prod(full_shape)
   if full_size % size:
     raise ValueError(f"blocks of {tuple(shape)} do not tile {full_shape}")
+  *lead, length = shape
+  words = -(-length // 32)
   if not _fast_bits_apply(key) or size >= 2**32 or full_size // size > 2**16:
-    full = jax.random.bernoulli(key, keep, full_shape).reshape(-1)
-    return jax.lax.dynamic_slice_in_dim(full, block * size, size).reshape(shape)
+    return None
   # bernoulli(p) is uniform < p, the uniform being (bits >> 9) * 2^-23: compare the bits.
   p = float(np.float32(keep))
   if p >= 1.0 or p <= 0.0:
-    return jnp.full(shape, p >= 1.0)
+    return jnp.full(tuple(lead) + (words,), np.uint32(0xFFFFFFFF if p >= 1.0 else 0))
   threshold = np.uint32(math.ceil(p * 2**23) << 9)
   # 64-bit start index block * size as (hi, lo) uint32 words, with 16-bit limbs of size.
   block = jnp.asarray(block, jnp.uint32)
@@ -198,20 +223,22 @@ def keep_mask(
   # The mask is made as 32-bit words, 32 positions of the last axis each: XLA fuses the hash
   # into that reduction once, where it would copy an elementwise hash into every fusion that
   # reads the mask (forward and backward consumers), each time paying ~100 integer ops per bit.
-  *lead, length = shape
-  words = -(-length // 32)
   lead_index = jax.lax.iota(jnp.uint32, math.prod(lead)).reshape(tuple(lead) + (1, 1))
   bit = jax.lax.broadcasted_iota(jnp.uint32, (words, 32), 1)
   position = jax.lax.broadcasted_iota(jnp.uint32, (words, 32), 0) * np.uint32(32) + bit
-  local = lead_index * np.uint32(length) + position   # padding positions: ignored below
+  local = lead_index * np.uint32(length) + position   # padding positions: ignored when unpacked
   lo = start_lo + local
   hi = start_hi + (lo < local).astype(jnp.uint32)
   k1, k2 = jax.random.key_data(key)
   bits1, bits2 = _threefry2x32(k1, k2, hi, lo)
   kept = ((bits1 ^ bits2) < threshold).astype(jnp.uint32) << bit
-  packed = jax.lax.reduce(kept, np.uint32(0), jax.lax.bitwise_or, (kept.ndim - 1,))
-  unpacked = (packed[..., None] >> jax.lax.broadcasted_iota(jnp.uint32, (words, 32), 1)) & 1
-  return unpacked.reshape(tuple(lead) + (words * 32,))[..., :length].astype(bool)
+  return jax.lax.reduce(kept, np.uint32(0), jax.lax.bitwise_or, (kept.ndim - 1,))
+
+
+def unpack_keep_words(words: jax.Array, length: int) -> jax.Array:
+  """The boolean mask [..., length] of `keep_words`'s packed [..., ceil(length / 32)] words."""
+  unpacked = (words[..., None] >> jax.lax.broadcasted_iota(jnp.uint32, (words.shape[-1], 32), 1)) & 1
+  return unpacked.reshape(words.shape[:-1] + (words.shape[-1] * 32,))[..., :length].astype(bool)
 
 
 def drop_path(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
@@ -358,10 +385,13 @@ class PatchEmbedding(nnx.Module):
 # array beyond one chunk's is alive at once; the backward pass keeps the probabilities (4 bytes per
 # logit, the dropout decision in their sign) of the first blocks while their total fits
 # `SAVE_PROBS_LOGITS`, and recomputes the others' chunk by chunk (one more T x T x D matmul per
-# head): with 16 examples (175M logits per block) the first 3 of 4 blocks keep theirs.
+# head, ~3% of a default train step per block) from their packed dropout masks (1 bit per logit,
+# kept because hashing them again cost ~6% of the step): with 16 examples (175M logits per block)
+# the first block keeps its probabilities, which holds a default train step's XLA temporaries
+# under 5 GiB.
 ATTENTION_PROBS = "attention_probs"  # checkpoint name of the softmax output (autodiff path)
 ATTENTION_CHUNK_LOGITS = 2**25  # logits per chunk (128 MiB of float32)
-SAVE_PROBS_LOGITS = 2**29  # all blocks together: keep up to 2 GiB of probabilities
+SAVE_PROBS_LOGITS = 2**28  # all blocks together: keep up to 1 GiB of probabilities
 
 
 def attention_chunk(rows: int, logits_per_row: int) -> int:
@@ -376,17 +406,22 @@ def save_attention_probs(rows: int, num_tokens: int, block_index: int = 0) -> bo
   return (block_index + 1) * rows * num_tokens * num_tokens <= SAVE_PROBS_LOGITS
 
 
-def _signed_probs(q, k, key, block, num_rows, scale, keep, dtype):
+def _signed_probs(q, k, key, block, num_rows, scale, keep, dtype, words=None):
   """softmax(q k^T scale) of [c, T, D] rows, negated where dropout drops the entry.
 
   The sign carries the dropout decision at no memory cost: probabilities are >= 0, and where one
-  is exactly 0 the decision does not matter (it contributes nothing either way).
+  is exactly 0 the decision does not matter (it contributes nothing either way). `words`: the
+  chunk's packed dropout mask (`keep_words`) when already made.
   """
   logits = jnp.einsum("nqd,nkd->nqk", q.astype(dtype), k.astype(dtype),
                       preferred_element_type=jnp.float32) * scale
   probs = jax.nn.softmax(logits, axis=-1)
   if keep < 1.0:
-    mask = keep_mask(key, keep, probs.shape, full_shape=(num_rows,) + probs.shape[1:], block=block)
+    if words is None:
+      mask = keep_mask(key, keep, probs.shape, full_shape=(num_rows,) + probs.shape[1:],
+                       block=block)
+    else:
+      mask = unpack_keep_words(words, probs.shape[-1])
     probs = jnp.where(mask, probs, -probs)
   return probs
 
@@ -408,17 +443,22 @@ def _attend(q, k, v, key, block, num_rows, scale, keep, save, dtype):
 
 
 def _attend_fwd(q, k, v, key, block, num_rows, scale, keep, save, dtype):
-  signed = _signed_probs(q, k, key, block, num_rows, scale, keep, dtype)
+  words = None
+  if keep < 1.0 and not save:
+    # Recomputed in the backward pass: keep the packed mask (1 bit per logit), not its hash.
+    words = keep_words(key, keep, (q.shape[0], q.shape[1], k.shape[1]),
+                       full_shape=(num_rows, q.shape[1], k.shape[1]), block=block)
+  signed = _signed_probs(q, k, key, block, num_rows, scale, keep, dtype, words)
   out = jnp.einsum("nqk,nkd->nqd", _dropped(signed, keep).astype(dtype), v.astype(dtype),
                    preferred_element_type=jnp.float32)
-  return out, (q, k, v, key, block, signed if save else None, out)
+  return out, (q, k, v, key, block, signed if save else None, words, out)
 
 
 def _attend_bwd(num_rows, scale, keep, save, dtype, residuals, d_out):
   del save
-  q, k, v, key, block, signed, out = residuals
+  q, k, v, key, block, signed, words, out = residuals
   if signed is None:
-    signed = _signed_probs(q, k, key, block, num_rows, scale, keep, dtype)
+    signed = _signed_probs(q, k, key, block, num_rows, scale, keep, dtype, words)
   d_dropped = jnp.einsum("nqd,nkd->nqk", d_out.astype(dtype), v.astype(dtype),
                          preferred_element_type=jnp.float32)
   row_term = jnp.sum(d_out * out, axis=-1, keepdims=True)

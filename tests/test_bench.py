@@ -40,14 +40,14 @@ def test_bench_cli_on_the_tiny_config_prints_one_json_line_per_measurement():
       cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-  assert [r["what"] for r in lines] == ["forward", "train_step"]
+  assert [r["what"] for r in lines] == ["train_step", "forward"]
   for r in lines:
     assert KEYS <= set(r), KEYS - set(r)
     assert r["examples_per_s"] > 0 and r["mice"] == 3 and r["batch_size"] == 4
     assert r["mfu"] == pytest.approx(r["gflops"] / 100)
     assert r["peak_host_gib"] > 0 and r["peak_device_gib"] is None   # CPU
     assert r["attention"] == "fused" and r["neurons"] == [24, 31, 17]
-  assert lines[1]["gflop_per_example"] == pytest.approx(3 * lines[0]["gflop_per_example"])
+  assert lines[0]["gflop_per_example"] == pytest.approx(3 * lines[1]["gflop_per_example"])
 
 
 def test_overrides_and_shorthand_flags():

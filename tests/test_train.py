@@ -58,6 +58,22 @@ def test_train_resume_and_evaluate(tiny_data_dir, tmp_path):
   assert again["checkpoint_step"] == resumed["checkpoint_step"]
   np.testing.assert_allclose(again["validation"]["single_trial_correlation_average"],
                              resumed["validation"]["single_trial_correlation_average"], rtol=1e-6)
+  table = train.metrics_table(again["metrics"]).splitlines()
+  assert table[0].split() == ["validation", "(3", "mice,", "averaged)", "model"]
+  assert table.index("test (1 mouse, averaged)             model") == 3   # no truth: no oracle
+  assert float(table[4].split()[1]) == pytest.approx(
+      again["metrics"]["test"]["average"]["single_trial_correlation"], abs=5e-4)
+
+
+def test_metrics_table_puts_the_oracle_and_the_ratio_next_to_the_model():
+  metrics = {"test": {"a": {}, "b": {}, "average": {"single_trial_correlation": 0.321,
+                                                    "correlation_to_average": 0.555, "feve": None}},
+             "oracle": {"test": {"average": {"single_trial_correlation": 0.5,
+                                             "correlation_to_average": 0.8, "feve": None}}}}
+  assert train.metrics_table(metrics).splitlines() == [
+      "test (2 mice, averaged)              model  oracle  ratio",
+      "  single_trial_correlation           0.321   0.500  0.64x",
+      "  correlation_to_average             0.555   0.800  0.69x"]
 
 
 def test_plateau_reduces_then_stops_and_reloads_best(tiny_data_dir, tmp_path):

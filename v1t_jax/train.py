@@ -531,6 +531,30 @@ def evaluable_test_mice(trainer: Trainer) -> list[int]:
           if m.tier_size("test") and not m.info.get("trial_idx_hashed")]
 
 
+def metrics_table(challenge: dict) -> str:
+  """The averaged challenge metrics of each tier as a readable table, next to the oracle ceiling
+  (and the model / oracle ratio) where the synthetic ground truth exists."""
+  names = ("single_trial_correlation", "correlation_to_average", "feve")
+  oracle = challenge.get("oracle", {})
+  lines = []
+  for tier, per_mouse in challenge.items():
+    if tier == "oracle" or "average" not in per_mouse:
+      continue
+    mice = len(per_mouse) - 1
+    ceiling = oracle.get(tier, {}).get("average")
+    header = f"{tier} ({mice} {'mouse' if mice == 1 else 'mice'}, averaged)"
+    lines.append(f"{header:34s} {'model':>7s}" + (f" {'oracle':>7s} {'ratio':>6s}" if ceiling else ""))
+    for name in names:
+      value = per_mouse["average"].get(name)
+      if value is None:
+        continue
+      row = f"  {name:32s} {value:7.3f}"
+      if ceiling and ceiling.get(name) is not None:
+        row += f" {ceiling[name]:7.3f} {value / ceiling[name]:5.2f}x"
+      lines.append(row)
+  return "\n".join(lines)
+
+
 def evaluate_best(trainer: Trainer, best: ocp.CheckpointManager, workdir: str, writer=None,
                   step: int = 0, checkpoint_step: int | None = None) -> dict:
   """Evaluates the best (or a given) checkpoint on validation and test; writes evaluation.json."""
@@ -560,6 +584,7 @@ def evaluate_best(trainer: Trainer, best: ocp.CheckpointManager, workdir: str, w
     result["test"] = {"single_trial_correlation": per_mouse,
                       "single_trial_correlation_average": challenge["test"]["average"][
                           "single_trial_correlation"]}
+  _say(metrics_table(challenge))
   if jax.process_index() == 0:
     (run_path(workdir) / "eval").mkdir(parents=True, exist_ok=True)
     (run_path(workdir) / "eval" / "metrics.json").write_text(json.dumps(challenge, indent=1))

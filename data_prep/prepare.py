@@ -23,7 +23,7 @@ def ensure_dataset(config) -> list[dataset_meta.MouseMeta]:
     zips = sorted(glob.glob(os.path.join(s.zip_dir, "static*.zip")))
     if not zips:
       print(f"synthesizing the '{s.preset}' preset (seed {s.seed}) into {s.zip_dir}", flush=True)
-      zips = synthesize.synthesize(s.zip_dir, s.preset, seed=s.seed)
+      zips = synthesize.synthesize(s.zip_dir, s.preset, seed=s.seed, workers=None)
     print(f"converting {len(zips)} mice into {data_dir}", flush=True)
     convert.convert(zips, data_dir)
   return dataset_meta.resolve_mice(data_dir, tuple(config.data.mice))

@@ -333,8 +333,14 @@ def write_trial_meta(tree: ZipTree, spec: MouseSpec, plan: TrialPlan, seed: int,
 
 
 def synthesize(out_dir: str, preset_name: str = "tiny", seed: int = 0, trials: int | None = None,
-               color: bool = False, competition: bool | None = None) -> list[str]:
-  """Writes every mouse of a preset; returns the zip paths. Existing complete zips are rewritten."""
+               color: bool = False, competition: bool | None = None,
+               workers: int | None = 1) -> list[str]:
+  """Writes every mouse of a preset; returns the zip paths. Existing complete zips are rewritten.
+
+  workers: processes writing mice in parallel (None: one per CPU core, at most one per mouse;
+  1: all in this process). Each mouse is a deterministic function of (seed, mouse index),
+  so the files are the same whatever the number of workers.
+  """
   if preset_name not in PRESETS:
     raise ValueError(f"unknown preset {preset_name!r}; expected one of {sorted(PRESETS)}")
   preset = PRESETS[preset_name]
@@ -344,15 +350,29 @@ def synthesize(out_dir: str, preset_name: str = "tiny", seed: int = 0, trials: i
     raise ValueError("Franke colour data have no competition mice: use --color without "
                      "--competition (and not the 'sensorium' preset)")
   os.makedirs(out_dir, exist_ok=True)
-  paths = []
   specs = mouse_specs(preset, seed, trials)
-  for spec in specs:
-    t0 = time.time()
-    paths.append(write_mouse(out_dir, spec, preset, seed, color))
-    print(f"[{spec.index + 1}/{len(specs)}] {os.path.basename(paths[-1])}: {spec.neurons} "
-          f"neurons, {spec.n_train} train + {spec.n_val} validation trials in "
-          f"{time.time() - t0:.1f} s", flush=True)
-  return paths
+  workers = min(len(specs), os.cpu_count() or 1) if workers is None else max(1, workers)
+  if workers == 1 or len(specs) == 1:
+    return [_write_and_report(out_dir, spec, preset, seed, color, len(specs)) for spec in specs]
+  # Fresh interpreters ("spawn"): the caller may already run JAX or TensorFlow threads, which a
+  # forked child would inherit in an unknown state. The simulation is NumPy on one core each.
+  import concurrent.futures
+  import multiprocessing
+  with concurrent.futures.ProcessPoolExecutor(
+      workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    futures = [pool.submit(_write_and_report, out_dir, spec, preset, seed, color, len(specs))
+               for spec in specs]
+    return [f.result() for f in futures]
+
+
+def _write_and_report(out_dir: str, spec: MouseSpec, preset: Preset, seed: int, color: bool,
+                      num_mice: int) -> str:
+  t0 = time.time()
+  path = write_mouse(out_dir, spec, preset, seed, color)
+  print(f"[{spec.index + 1}/{num_mice}] {os.path.basename(path)}: {spec.neurons} "
+        f"neurons, {spec.n_train} train + {spec.n_val} validation trials in "
+        f"{time.time() - t0:.1f} s", flush=True)
+  return path
 
 
 _OUT = flags.DEFINE_string("out", None, "output folder for the zips", required=True)
@@ -362,12 +382,14 @@ _TRIALS = flags.DEFINE_integer("trials", None, "train + validation trials per mo
 _COLOR = flags.DEFINE_bool("color", False, "Franke-style 2x36x64 ColorImageNet zips")
 _COMPETITION = flags.DEFINE_bool(
     "competition", None, "make the first two mice competition mice (default: on for 'sensorium')")
+_WORKERS = flags.DEFINE_integer(
+    "workers", None, "processes writing mice in parallel (default: one per core, <= mice)")
 
 
 def main(argv):
   del argv
   paths = synthesize(_OUT.value, _PRESET.value, _SEED.value, _TRIALS.value, _COLOR.value,
-                     _COMPETITION.value)
+                     _COMPETITION.value, _WORKERS.value)
   for p in paths:
     print(p, file=sys.stdout)
 

@@ -73,7 +73,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from v1t_jax.bench import peak_rss_gib, reset_peak_rss  # noqa: E402
+from v1t_jax.bench import flops_by_part, peak_rss_gib, reset_peak_rss  # noqa: E402
 
 GIB = 2.0**30
 POISSON_EPS = float(np.finfo(np.float32).eps)   # 1.1920929e-07 (§7)
@@ -607,35 +607,6 @@ def default_counts() -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Analytic FLOPs (the formula of v1t_jax.bench.flops_per_example, one mouse).
-
-
-def flops_per_example(cfg: Config, image_chw, num_neurons: int, batch_size: int) -> dict:
-  """Forward FLOPs of one example by part (2 per multiply-add); a train step is 3x the total."""
-  channels = image_chw[0]
-  rows, cols = ((n - cfg.patch_size) // cfg.patch_stride + 1 for n in cfg.image_size)
-  patches = rows * cols
-  tokens = patches + 1
-  d, h, m, blocks = cfg.emb_dim, cfg.num_heads, cfg.mlp_dim, cfg.num_blocks
-  inner = h * d
-  out = {
-      "patch_embedding": 2.0 * patches * channels * cfg.patch_size**2 * d,
-      "qkv": blocks * 2.0 * tokens * d * 3 * inner,
-      "attention_logits": blocks * 2.0 * h * tokens * tokens * d,
-      "attention_values": blocks * 2.0 * h * tokens * tokens * d,
-      "attention_projection": blocks * 2.0 * tokens * inner * d,
-      "mlp": blocks * 2.0 * 2 * tokens * d * m,
-      "behavior_mlp": (blocks * 2.0 * (cfg.behavior_dim * (d // 2) + (d // 2) * d)
-                       if cfg.behavior_dim else 0.0),
-      "readout": 2.0 * 5 * num_neurons * d,
-      "shifter": 2.0 * (2 * 5 + 5 * 5 + 5 * 2) if cfg.shift_mode == 2 else 0.0,
-      "grid_predictor": 2.0 * num_neurons * (2 * 30 + 30 * 2) / batch_size,
-  }
-  out["total"] = sum(out.values())
-  return out
-
-
-# ---------------------------------------------------------------------------------------------
 # Measurement.
 
 
@@ -856,7 +827,12 @@ def main(argv=None):
 
     raw = measure(run, iters=args.iters, warmup=args.warmup)
     step_s = float(np.median(raw["times"]))
-    flops = flops_per_example(cfg, image_chw, max(counts), args.batch_size)
+    rows, cols = ((n - cfg.patch_size) // cfg.patch_stride + 1 for n in cfg.image_size)
+    flops = flops_by_part(   # v1t_jax.bench's formula (the grid predictor: 2 coordinates)
+        patches=rows * cols, channels=image_chw[0], patch_size=cfg.patch_size,
+        emb_dim=cfg.emb_dim, num_heads=cfg.num_heads, mlp_dim=cfg.mlp_dim,
+        num_blocks=cfg.num_blocks, behavior_dim=cfg.behavior_dim, shifter=cfg.shift_mode == 2,
+        n_max=max(counts), grid_predictor_dim=2, batch_size=args.batch_size)
     gflop = (3.0 if what == "train_step" else 1.0) * flops["total"] / 1e9
     result = {
         "what": what,

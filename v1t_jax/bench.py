@@ -169,27 +169,37 @@ def flops_per_example(model_cfg, image_shape: Sequence[int], neuron_counts: Sequ
   if model_cfg.behavior_mode == 1:
     channels += v1t_model.NUM_BEHAVIOR
   rows, cols = vit.patch_grid((height, width), model_cfg.patch_size, model_cfg.patch_stride)
-  patches = rows * cols
+  return flops_by_part(
+      patches=rows * cols, channels=channels, patch_size=model_cfg.patch_size,
+      emb_dim=model_cfg.emb_dim, num_heads=model_cfg.num_heads, mlp_dim=model_cfg.mlp_dim,
+      num_blocks=model_cfg.num_blocks, behavior_dim=model_cfg.behavior_dim,
+      shifter=model_cfg.shift_mode == 2, n_max=max(neuron_counts),
+      grid_predictor_dim=None if model_cfg.disable_grid_predictor else model_cfg.grid_predictor_dim,
+      batch_size=batch_size)
+
+
+def flops_by_part(*, patches: int, channels: int, patch_size: int, emb_dim: int, num_heads: int,
+                  mlp_dim: int, num_blocks: int, behavior_dim: int, shifter: bool, n_max: int,
+                  grid_predictor_dim: int | None, batch_size: int) -> dict[str, float]:
+  """`flops_per_example` from plain sizes (no JAX import: the PyTorch reference uses it too)."""
   tokens = patches + 1
-  d, h, m, blocks = model_cfg.emb_dim, model_cfg.num_heads, model_cfg.mlp_dim, model_cfg.num_blocks
+  d, h, m, blocks = emb_dim, num_heads, mlp_dim, num_blocks
   inner = h * d
-  n_max = max(neuron_counts)
   out = {
-      "patch_embedding": 2.0 * patches * channels * model_cfg.patch_size**2 * d,
+      "patch_embedding": 2.0 * patches * channels * patch_size**2 * d,
       "qkv": blocks * 2.0 * tokens * d * 3 * inner,
       "attention_logits": blocks * 2.0 * h * tokens * tokens * d,
       "attention_values": blocks * 2.0 * h * tokens * tokens * d,
       "attention_projection": blocks * 2.0 * tokens * inner * d,
       "mlp": blocks * 2.0 * 2 * tokens * d * m,
-      "behavior_mlp": (blocks * 2.0 * (model_cfg.behavior_dim * (d // 2) + (d // 2) * d)
-                       if model_cfg.behavior_dim else 0.0),
+      "behavior_mlp": (blocks * 2.0 * (behavior_dim * (d // 2) + (d // 2) * d)
+                       if behavior_dim else 0.0),
       # 4 weighted corners + the per-neuron channel sum, C multiply-adds each.
       "readout": 2.0 * 5 * n_max * d,
-      "shifter": 2.0 * (2 * 5 + 5 * 5 + 5 * 2) if model_cfg.shift_mode == 2 else 0.0,
+      "shifter": 2.0 * (2 * 5 + 5 * 5 + 5 * 2) if shifter else 0.0,
   }
-  if not model_cfg.disable_grid_predictor:  # once per mouse and batch: amortised per example
-    dim = model_cfg.grid_predictor_dim
-    out["grid_predictor"] = 2.0 * n_max * (dim * 30 + 30 * 2) / batch_size
+  if grid_predictor_dim is not None:  # once per mouse and batch: amortised per example
+    out["grid_predictor"] = 2.0 * n_max * (grid_predictor_dim * 30 + 30 * 2) / batch_size
   out["total"] = sum(out.values())
   return out
 

@@ -101,7 +101,7 @@ def _sample_and_weigh(flat_PxC, index_BxNx4, weight_BxNx4, features_NxC):
 
   flat is the batch's maps flattened to [B * h * w, C] and index already offset by b * h * w.
   """
-  return jnp.sum(_corner_dots(flat_PxC, index_BxNx4, features_NxC) * weight_BxNx4, -1)
+  return _sample_and_weigh_fwd(flat_PxC, index_BxNx4, weight_BxNx4, features_NxC)[0]
 
 
 def _sample_and_weigh_fwd(flat_PxC, index_BxNx4, weight_BxNx4, features_NxC):

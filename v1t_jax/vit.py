@@ -406,6 +406,18 @@ def save_attention_probs(rows: int, num_tokens: int, block_index: int = 0) -> bo
   return (block_index + 1) * rows * num_tokens * num_tokens <= SAVE_PROBS_LOGITS
 
 
+def map_chunks(fn, chunk: int, *arrays):
+  """fn(block, *arrays[block * chunk:(block + 1) * chunk]) over consecutive chunks of the leading
+  axis, one at a time (`lax.map`; a direct call when one chunk holds everything), with the
+  outputs (a pytree, Nones allowed) joined back along the leading axis."""
+  num = arrays[0].shape[0]
+  if chunk == num:
+    return fn(0, *arrays)
+  split = lambda x: x.reshape((num // chunk, chunk) + x.shape[1:])
+  out = jax.lax.map(lambda a: fn(*a), (jnp.arange(num // chunk), *map(split, arrays)))
+  return jax.tree.map(lambda y: y.reshape((num,) + y.shape[2:]), out)
+
+
 def _signed_probs(q, k, key, block, num_rows, scale, keep, dtype, words=None):
   """softmax(q k^T scale) of [c, T, D] rows, negated where dropout drops the entry.
 
@@ -548,13 +560,7 @@ class Attention(nnx.Module):
       out, probs = self._chunk(q, k, v, key, block, n)
       return out, (probs if return_probs else None)
 
-    if chunk == n:
-      out, probs = run(0, q, k, v)
-    else:
-      split = lambda x: x.reshape((n // chunk, chunk) + x.shape[1:])
-      out, probs = jax.lax.map(lambda a: run(*a), (jnp.arange(n // chunk), *map(split, (q, k, v))))
-      out = out.reshape((n,) + out.shape[2:])
-      probs = None if probs is None else probs.reshape((n,) + probs.shape[2:])
+    out, probs = map_chunks(run, chunk, q, k, v)
     return out.transpose(0, 2, 1, 3), probs
 
   def _fast(self, q, k, v, key):
@@ -568,12 +574,7 @@ class Attention(nnx.Module):
     attend = functools.partial(_attend, num_rows=rows, scale=self.scale, keep=keep,
                                save=save_attention_probs(rows, t, self.block_index),
                                dtype=self.dtype)
-    if chunk == rows:
-      out = attend(q, k, v, key, 0)
-    else:
-      split = lambda x: x.reshape((rows // chunk, chunk) + x.shape[1:])
-      out = jax.lax.map(lambda a: attend(a[1], a[2], a[3], key, a[0]),
-                        (jnp.arange(rows // chunk), *map(split, (q, k, v))))
+    out = map_chunks(lambda block, q, k, v: attend(q, k, v, key, block), chunk, q, k, v)
     return out.reshape(n, h, t, d).transpose(0, 2, 1, 3)
 
   def _fused(self, q, k, v):

@@ -61,8 +61,9 @@ def model_config() -> ml_collections.ConfigDict:
   m.ds_scale = True                    # scale each mouse's loss by sqrt(N_train / batch)
   # Accelerator path.
   m.compute_dtype = "float32"          # "bfloat16": bf16 matmul operands, float32 accumulation
-  # "fused": jax.nn.dot_product_attention; falls back to "reference" while attention dropout
-  # is active (training with t_dropout > 0) or when attention probabilities are requested.
+  # "fused": jax.nn.dot_product_attention (cuDNN's flash kernel on GPU with bfloat16; the fast
+  # inference setting there, docs/benchmarks.md); falls back to "reference" while attention
+  # dropout is active (training with t_dropout > 0) or when attention probabilities are requested.
   m.attention = "reference"
   return m
 

@@ -54,10 +54,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.core_reg_scale = 0.0
     m.bias_mode = 2
     config.train.adam_beta2 = 0.999
-  # Demo: 12 epochs of ~55 s on 2 idle cores, so that a fresh clone (install ~80 s, synthesis
+  # Demo: 11 epochs of ~57 s on 2 idle cores, so that a fresh clone (install ~80 s, synthesis
   # ~50 s, conversion ~20 s, final evaluation ~15 s) finishes in under 15 minutes
   # (docs/benchmarks.md). `--config.train.num_epochs=30` continues a finished demo run.
-  config.train.num_epochs = 12 if demo else 2
+  config.train.num_epochs = 11 if demo else 2
   config.train.log_every_steps = 50 if demo else 1
   config.train.max_steps_per_epoch = None if demo else 3
   # No TensorBoard figures in the demo (they would add ~45 s at the end): make them afterwards

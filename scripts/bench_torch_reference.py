@@ -73,7 +73,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from v1t_jax.bench import flops_by_part, peak_rss_gib, reset_peak_rss  # noqa: E402
+from v1t_jax.bench import (  # noqa: E402
+    allocator_in_use, flops_by_part, peak_rss_gib, reset_peak_rss)
 
 GIB = 2.0**30
 POISSON_EPS = float(np.finfo(np.float32).eps)   # 1.1920929e-07 (§7)
@@ -608,19 +609,6 @@ def default_counts() -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # Measurement.
-
-
-def allocator_in_use() -> str:
-  """'jemalloc' or 'tcmalloc' when preloaded, else 'glibc'."""
-  try:
-    with open("/proc/self/maps") as f:
-      maps = f.read()
-  except OSError:
-    return "unknown"
-  for name in ("jemalloc", "tcmalloc"):
-    if f"lib{name}" in maps:
-      return name
-  return "glibc"
 
 
 def cpu_model() -> str:

@@ -80,6 +80,9 @@ def train_config() -> ml_collections.ConfigDict:
   t.lr_patience = 10                   # the original's Scheduler (hard-coded there)
   t.lr_factor = 0.3
   t.max_reduce = 2
+  # Not in the original (0 = off): the lr falls linearly to 0 over the last N of num_epochs, on
+  # top of the plateau rule's factor. For short runs that end by max epochs (the demo).
+  t.lr_decay_epochs = 0
   t.pretrain_core = ""                 # run dir whose best core is loaded and frozen; "" = train it
   t.checkpoint_every_steps = 1000      # latest-state checkpoints within an epoch (0 = epoch ends)
   t.log_every_steps = 50

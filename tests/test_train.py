@@ -129,11 +129,21 @@ def test_group_learning_rates():
   np.testing.assert_allclose(scaled["readouts"]["w"], 0.6)
 
 
-def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_data_dir, tmp_path):
+def test_decay_factor_falls_linearly_over_the_last_steps():
+  # 10 steps, the last 4 decayed: steps 6-9 train at 4/4, 3/4, 2/4, 1/4 of the lr.
+  assert [train.decay_factor(s, 10, 4) for s in range(10)] == [1.0] * 7 + [0.75, 0.5, 0.25]
+  assert [train.decay_factor(s, 10, 0) for s in (0, 9, 12)] == [1.0, 1.0, 1.0]   # off
+  assert train.decay_factor(12, 10, 4) == 0.0   # past the end (a resume with fewer epochs)
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_data_dir, tmp_path, capsys):
   import shutil
   workdir = str(tmp_path / "run")
-  config = tiny_config(tiny_data_dir, num_epochs=2, checkpoint_every_steps=1)
+  # With the final-epoch lr decay on, so that resuming mid-decay is covered too.
+  config = tiny_config(tiny_data_dir, num_epochs=2, checkpoint_every_steps=1, lr_decay_epochs=1)
   train.train_and_evaluate(config, workdir)
+  said = capsys.readouterr().out
+  assert "epoch 1/2 step 3:" in said and "lr x1)" in said and "lr x0)" in said
   trainer = train.setup(config)
   latest, best = train.checkpoint_managers(workdir)
   assert latest.all_steps() == [5, 6]

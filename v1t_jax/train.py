@@ -84,6 +84,17 @@ def scale_updates(updates, lr_scale, *, lr: float, core_lr: float):
   return jax.tree_util.tree_map_with_path(scale, updates)
 
 
+def decay_factor(step: int, total_steps: int, decay_steps: int) -> float:
+  """The lr factor of `train.lr_decay_epochs`: 1, then linear to 0 over the last decay_steps.
+
+  Step `s` (0-based) of a run of `total_steps` trains at min(1, (total_steps - s) / decay_steps):
+  the last step at 1 / decay_steps. A function of the step only, so a resumed run matches.
+  """
+  if decay_steps <= 0:
+    return 1.0
+  return min(1.0, max(0, total_steps - step) / decay_steps)
+
+
 def group_lrs(train_cfg) -> dict:
   core = 0.0 if train_cfg.pretrain_core else (train_cfg.core_lr or train_cfg.lr)
   return {"lr": float(train_cfg.lr), "core_lr": float(core)}
@@ -117,7 +128,7 @@ def train_step(state, batch, key, lr_scale, *, graphdef, tx, n_train, lrs):
   # (a plain jax.grad over a re-merged model mixes trace levels inside the readouts' nnx.vmap).
   (total, aux), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-  updates = scale_updates(updates, lr_scale, **lrs)   # group lr x the plateau rule's factor
+  updates = scale_updates(updates, lr_scale, **lrs)   # group lr x (plateau factor x decay)
   new = dict(state, params=optax.apply_updates(state["params"], updates), opt_state=opt_state,
              step=state["step"] + 1)
   return new, {"loss": total, "poisson": aux["poisson"], "reg": aux["reg"]}
@@ -433,17 +444,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
   train_iter = iter(input_pipeline.as_numpy(input_pipeline.train_dataset(
       trainer.mice, config.data, start_step=step)))
   total_steps = config.train.num_epochs * steps_per_epoch
+  decay_steps = min(config.train.lr_decay_epochs, config.train.num_epochs) * steps_per_epoch
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                            every_steps=config.train.log_every_steps)
   stop_reason = "max epochs"
   with metric_writers.ensure_flushes(writer):
     for epoch in range(start_epoch, config.train.num_epochs):
-      lr_scale = jnp.float32(plateau.lr_scale)
       outs = []
       epoch_end = (epoch + 1) * steps_per_epoch   # a run resumed mid-epoch finishes this epoch
       while step < epoch_end:
         batch = trainer.device_batch(next(train_iter))
-        state, out = trainer.train_step(state, batch, jax.random.fold_in(key, step), lr_scale)
+        lr_scale = plateau.lr_scale * decay_factor(step, total_steps, decay_steps)
+        state, out = trainer.train_step(state, batch, jax.random.fold_in(key, step),
+                                        jnp.float32(lr_scale))
         outs.append(out)
         step += 1
         report(step)
@@ -462,16 +475,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
       scalars = {"train/loss": float(train["loss"]),
                  "train/poisson": float(train["poisson"].mean()),
                  "train/reg": float(train["reg"].mean()),
-                 "train/lr": config.train.lr * plateau.lr_scale, "epoch": epoch}
+                 "train/lr": config.train.lr * lr_scale, "epoch": epoch}   # the epoch's last
       scalars.update({f"train/poisson/{n}": float(v) for n, v in zip(trainer.names, train["poisson"])})
       scalars.update(_scalars("val", val))
       writer.write_scalars(step, scalars)
       every = config.train.figures_every_epochs
       if every and (epoch + 1) % every == 0 and (epoch + 1) < config.train.num_epochs:
         write_figures(writer, trainer, state, step, report)
+      next_scale = plateau.lr_scale * decay_factor(step, total_steps, decay_steps)
       _say(f"epoch {epoch + 1}/{config.train.num_epochs} step {step}: train loss "
            f"{scalars['train/loss']:.1f}, val corr {val['single_trial_correlation_average']:.4f} "
-           f"({action.value}, lr x{plateau.lr_scale:g})")
+           f"({action.value}, lr x{next_scale:.3g})")
       if not np.isfinite(val["single_trial_correlation_average"]):
         stop_reason = f"NaN validation correlation in epoch {epoch}"
         break

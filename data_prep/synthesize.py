@@ -65,7 +65,7 @@ PRESETS = {
     "tiny": Preset(mice=(("90001-1-1", 24), ("90002-2-3", 31), ("90003-4-5", 17)), train=40,
                    validation=12, test_images=6, test_repeats=3, competition=False,
                    calibration_images=120),
-    "demo": Preset(mice=(("91001-1-1", 220), ("91002-2-3", 260), ("91003-4-5", 300)), train=2400,
+    "demo": Preset(mice=(("91001-1-1", 600), ("91002-2-3", 700), ("91003-4-5", 800)), train=4500,
                    validation=300, test_images=100, test_repeats=10, competition=False),
     "sensorium": Preset(mice=SENSORIUM_MICE, train=4472, validation=522, test_images=100,
                         test_repeats=10, competition=True, jitter=20),

@@ -95,6 +95,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -231,17 +232,21 @@ def _render_one(seed: int, image_id: int, shape: tuple[int, int, int]) -> np.nda
     return np.rint(np.clip(img, 0.0, 255.0)).astype(np.float32)
 
 
-def render_images(seed: int, image_ids: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+def render_images(seed: int, image_ids: np.ndarray, shape: tuple[int, int, int],
+                  rendered: Mapping[int, np.ndarray] | None = None) -> np.ndarray:
     """Natural-like images (T, C, H, W) float32 holding integer grey levels in [0, 255].
 
     Deterministic per (seed, image_id). shape is (1, 144, 256) for grey or (2, 36, 64) for colour
-    (channel 0 UV, channel 1 green).
+    (channel 0 UV, channel 1 green). Each distinct id is rendered once; ids in `rendered`
+    (earlier output of this function for the same seed and shape) are taken from it.
     """
     ids = np.asarray(image_ids).reshape(-1)
-    out = np.empty((len(ids), *shape), dtype=np.float32)
-    for t, image_id in enumerate(ids):
-        out[t] = _render_one(seed, image_id, tuple(shape))
-    return out
+    unique, inverse = np.unique(ids, return_inverse=True)
+    out = np.empty((len(unique), *shape), dtype=np.float32)
+    for t, image_id in enumerate(unique.tolist()):
+        known = None if rendered is None else rendered.get(image_id)
+        out[t] = known if known is not None else _render_one(seed, image_id, tuple(shape))
+    return out[inverse.reshape(-1)]
 
 
 # --------------------------------------------------------------------------- behaviour

@@ -50,6 +50,11 @@ def test_render_is_deterministic_and_batch_independent(shape):
     np.testing.assert_array_equal(a[::-1], sim.render_images(3, ids[::-1], shape))
     assert not np.array_equal(a, sim.render_images(4, ids, shape))  # seed matters
     assert not np.array_equal(a[0], a[1])  # ids differ
+    np.testing.assert_array_equal(sim.render_images(3, np.array([9, 4242, 9]), shape), a[[1, 2, 1]])
+    # Already rendered images are taken from the mapping, the others rendered.
+    marker = np.full(shape, 7.0, np.float32)
+    b = sim.render_images(3, np.array([9, 4242, 9]), shape, {9: marker})
+    np.testing.assert_array_equal(b, np.stack([marker, a[2], marker]))
 
 
 def test_grey_image_statistics_and_spectrum():

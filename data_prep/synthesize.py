@@ -343,8 +343,9 @@ def synthesize(out_dir: str, preset_name: str = "tiny", seed: int = 0, trials: i
   """Writes every mouse of a preset; returns the zip paths. Existing complete zips are rewritten.
 
   workers: processes writing mice in parallel (None: one per mouse when there are at most twice
-  as many mice as CPU cores, else one per core; 1: all in this process). Each mouse is a deterministic function of (seed, mouse index),
-  so the files are the same whatever the number of workers.
+  as many mice as CPU cores, else one per core; 1: all in this process). Each mouse is a
+  deterministic function of (seed, mouse index), so the files are the same whatever the number
+  of workers.
   """
   if preset_name not in PRESETS:
     raise ValueError(f"unknown preset {preset_name!r}; expected one of {sorted(PRESETS)}")
@@ -393,8 +394,8 @@ _COLOR = flags.DEFINE_bool("color", False, "Franke-style 2x36x64 ColorImageNet z
 _COMPETITION = flags.DEFINE_bool(
     "competition", None, "make the first two mice competition mice (default: on for 'sensorium')")
 _WORKERS = flags.DEFINE_integer(
-    "workers", None, "processes writing mice in parallel (default: one per mouse, or per core when there are "
-    "more than twice as many mice as cores)")
+    "workers", None, "processes writing mice in parallel (default: one per mouse, or one per "
+    "core when there are more than twice as many mice as cores)")
 
 
 def main(argv):

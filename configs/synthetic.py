@@ -32,16 +32,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.batch_size = 32 if demo else 4
   config.data.eval_batch_size = 64 if demo else 8
   m = config.model
-  # Demo: one head (of width emb_dim, as in the original) and width 32. A 96-example step takes
-  # 0.27 s on 2 cores, against 0.39-0.44 s at width 64 and 0.65 s with two heads of 64; per
-  # epoch the narrow model learns nearly as much (docs/benchmarks.md, "Session 5").
+  # Demo: one head (of width emb_dim, as in the original) and width 32. With 6x6 patches a
+  # 96-example step took 0.27 s on 2 cores, against 0.39-0.44 s at width 64 and 0.65 s with two
+  # heads of 64; per epoch the narrow model learns nearly as much (docs/benchmarks.md).
   m.emb_dim = 32 if demo else 16
   m.num_heads = 1 if demo else 2
   m.num_blocks = 2
   m.mlp_dim = 64 if demo else 32
-  # 6x6 patches at stride 3 give an 11x20 grid (stride 6: 6x10); the original's find_shape
-  # factorises both token counts into the true grid.
-  m.patch_size = 6
+  # Demo: 12x12 patches at stride 3 give a 9x18 grid of tokens (the tiny variant: 6x6 at
+  # stride 6, 6x10); the original's find_shape factorises the token count into the true grid.
+  # A patch that spans a simulated receptive field (Gabor filters, periods ~10 px) learns
+  # far faster per epoch than 6x6 or 8x8 ones, and fewer tokens make a step cheaper: validation
+  # correlation after 6 epochs .373 (6x6), .399 (8x8), .430 (12x12); ~40, ~31 and ~26 s per
+  # epoch (docs/benchmarks.md, "Session 6"). Stride 4 (8x8: 8x15 tokens) learned much slower.
+  m.patch_size = 12 if demo else 6
   m.patch_stride = 3 if demo else 6
   config.train.lr = 1e-2 if demo else config.train.lr
   config.train.lr_patience = 2 if demo else config.train.lr_patience
@@ -57,15 +61,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.core_reg_scale = 0.0
     m.bias_mode = 2
     config.train.adam_beta2 = 0.999
-  # Demo: 15 epochs of ~45 s on 2 idle cores (the first ~80 s: compilation, reading the shards),
-  # so that a fresh clone (install ~75 s, synthesis ~90 s, conversion ~30 s, final evaluation
-  # ~20 s) finishes in under 15 minutes (docs/benchmarks.md). The lr falls linearly to 0 over
-  # the last 6 epochs (not in the original, which ends by its plateau rule): in this short run,
-  # which ends by max epochs, that took validation correlation from 0.394 to 0.410 at epoch 14
-  # (docs/benchmarks.md). `--config.train.num_epochs=30` continues a finished demo run; the
-  # decay then covers epochs 25-30, so the lr first returns to 1e-2.
-  config.train.num_epochs = 15 if demo else 2
-  config.train.lr_decay_epochs = 6 if demo else 0
+  # Demo: 17 epochs of ~26 s on 2 idle cores (the first ~65 s: compilation, reading the shards),
+  # so that a fresh clone (install ~75 s, synthesis ~70 s, conversion ~30 s, final evaluation
+  # ~10 s) finishes well within 15 minutes (docs/benchmarks.md). The lr falls linearly to 0 over
+  # the last 7 epochs (not in the original, which ends by its plateau rule): in a short run that
+  # ends by max epochs this gains ~0.02-0.03 of validation correlation (docs/benchmarks.md).
+  # `--config.train.num_epochs=34` continues a finished demo run; the decay then covers epochs
+  # 28-34, so the lr first returns to 1e-2.
+  config.train.num_epochs = 17 if demo else 2
+  config.train.lr_decay_epochs = 7 if demo else 0
   config.train.log_every_steps = 50 if demo else 1
   config.train.max_steps_per_epoch = None if demo else 3
   # No TensorBoard figures in the demo (they would add ~45 s at the end): make them afterwards

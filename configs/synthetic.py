@@ -3,8 +3,8 @@
   python launch_train.py --config=configs/synthetic.py --workdir=runs/demo
 
 On first use the preset's zips are written to `synthetic.zip_dir` and converted into
-`data.data_dir`. The model is a small V1T (same architecture, fewer and narrower blocks, coarser
-patches) so that it trains to a useful result in minutes on 2 CPU cores. `:tiny` selects the
+`data.data_dir`. The model is a small V1T (same architecture, fewer and narrower blocks, larger
+patches at a coarser stride) so that it trains to a useful result in minutes on 2 CPU cores. `:tiny` selects the
 test-sized variant (the `tiny` preset, a two-block 16-wide model, a few steps per epoch).
 """
 

@@ -327,6 +327,17 @@ class Predictor:
     return self.predict_model_inputs(mouse, model_images, b, p, batch_size=batch_size,
                                      return_attention=return_attention)
 
+  def response_fn(self, mouse: str):
+    """A pure, differentiable function (image [B, h, w, c], behavior [B, 3], pupil [B, 2]) ->
+    responses [B, neurons] of `mouse` on model inputs (for jax.grad / vmap, in-silico work)."""
+    record = self.mouse(mouse)
+    forward, index = self._forward[False], jnp.int32(record.index)
+
+    def respond(image_BxHxWxC, behavior_Bx3, pupil_Bx2):
+      pred = forward(self.params, self.buffers, index, image_BxHxWxC, behavior_Bx3, pupil_Bx2)
+      return pred[:, : record.neurons]
+    return respond
+
   def predict_model_inputs(self, mouse: str, image_NxHxWxC, behavior_Nx3, pupil_Nx2, *,
                            batch_size: int = 64, return_attention: bool = False):
     """`predict` on inputs already normalised as the input pipeline's batches."""

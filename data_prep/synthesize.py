@@ -7,8 +7,9 @@ r"""Write synthetic mice in the exact Sensorium 2022 zip layout, from a simulate
 One zip per mouse, `static<animal>-<session>-<scan>-GrayImageNet-<hash>.zip` (or `ColorImageNet`
 with `--color`), holding one top-level folder of the same name with `data/`, `meta/` and
 `config.json`, exactly as `sensorium_format.md` §2-§4 and the checklist of §9 describe. The
-noise-free ground-truth rates of every trial go next to the zip (`<stem>.truth.npz`, outside it so
-the zip stays format-exact). Everything is a deterministic function of `--seed`: two runs write
+noise-free ground-truth rates of every trial and the simulated population's parameters
+(`population/<field>`, every field of `simulate.Population`) go next to the zip
+(`<stem>.truth.npz`, outside it so the zip stays format-exact). Everything is a deterministic function of `--seed`: two runs write
 byte-identical files.
 
 Choices where the real files are [unknown] (sensorium_format.md §10), each written so that the

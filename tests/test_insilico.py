@@ -14,7 +14,7 @@ import pytest
 from test_predict import MICE, make_tiny_run   # the shared tiny checkpoint
 from v1t_jax import predict
 from v1t_jax.insilico import __main__ as cli
-from v1t_jax.insilico import experiments as ex
+from v1t_jax import insilico as ex
 from v1t_jax.insilico import truth as truth_lib
 
 H, W = 24, 32

@@ -154,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
       raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
 
   from v1t_jax import predict
-  from v1t_jax.insilico import experiments as ex
+  from v1t_jax import insilico as ex
   from v1t_jax.insilico import figures as fig_lib
   from v1t_jax.insilico import truth as truth_lib
 
@@ -240,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 def _recovery(args, predictor, record, subject, population, truth_path, zip_path, pupil,
               behavior, results, out_dir, say) -> dict:
   from v1t_jax.figures import save_png
-  from v1t_jax.insilico import experiments as ex
+  from v1t_jax import insilico as ex
   from v1t_jax.insilico import figures as fig_lib
   from v1t_jax.insilico import truth as truth_lib
 

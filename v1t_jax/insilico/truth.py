@@ -18,7 +18,8 @@ import zipfile
 import numpy as np
 
 from data_prep import simulate
-from v1t_jax.insilico.experiments import Subject, rf_centers
+from v1t_jax.insilico.rf import rf_centers
+from v1t_jax.insilico.subject import Subject
 
 
 def find_truth_file(data_key: str, zip_dir: str) -> tuple[str, str]:

@@ -115,8 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--seed", type=int, default=0, help="white-noise seed")
   m = p.add_argument_group("MEIs")
   m.add_argument("--seeds", type=int, default=4, help="MEIs per neuron (seeds 0..S-1)")
-  m.add_argument("--steps", type=int, default=100)
-  m.add_argument("--lr", type=float, default=0.05)
+  m.add_argument("--steps", type=int, default=80)
+  m.add_argument("--lr", type=float, default=0.1)
   m.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
   m.add_argument("--norm", type=float, default=10.0,
                  help="L2 norm of the MEI in model-input units (<= 0: free)")

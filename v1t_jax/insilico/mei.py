@@ -33,7 +33,7 @@ def _roll_each(x_BxHxWxC, shifts_Bx2):
 
 
 def meis(subject: Subject, neurons: Sequence[int], *, seeds: Sequence[int] = (0, 1, 2, 3),
-         steps: int = 100, lr: float = 0.05, optimizer: str = "adam", norm: float | None = 10.0,
+         steps: int = 80, lr: float = 0.1, optimizer: str = "adam", norm: float | None = 10.0,
          clip: bool = True, precondition: str = "blur", blur_sigma: float = 1.0,
          fourier_decay: float = 1.0, jitter: int = 1, init_std: float = 0.1,
          progress: bool = False) -> dict:

@@ -15,7 +15,7 @@ import dataclasses
 import functools
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -414,8 +414,14 @@ def _scalars(prefix: str, result: dict) -> dict:
   return out
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains (resuming from workdir when it holds a checkpoint), then evaluates the best state."""
+def train_and_evaluate(config, workdir: str,
+                       on_epoch: Callable[[int, dict], bool] | None = None) -> dict:
+  """Trains (resuming from workdir when it holds a checkpoint), then evaluates the best state.
+
+  `on_epoch(epoch, val)`, if given, is called on process 0 after every epoch's validation and
+  checkpoints (epoch counted from 1, `val` as `Trainer.evaluate`); True stops training there with
+  stop_reason "pruned" (hyperparameter sweeps, v1t_jax/sweep.py).
+  """
   from clu import metric_writers, periodic_actions
   from v1t_jax import input_pipeline
 
@@ -501,8 +507,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
         best_state, _ = restore(best, trainer)
         state = dict(state, params=best_state["params"])
       save(latest, state, _meta(step, epoch + 1, plateau, run=trainer.run_info))
+      prune = on_epoch is not None and _hook_says_stop(on_epoch, epoch + 1, val)
       if action is Action.STOP:
         stop_reason = f"no improvement after {plateau.max_reduce} learning-rate reductions"
+        break
+      if prune:
+        stop_reason = "pruned"
         break
     latest.wait_until_finished()
     best.wait_until_finished()
@@ -514,6 +524,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
   latest.close()
   best.close()
   return result
+
+
+def _hook_says_stop(on_epoch: Callable[[int, dict], bool], epoch: int, val: dict) -> bool:
+  """on_epoch's answer on process 0, the same on every process."""
+  stop = bool(on_epoch(epoch, val)) if jax.process_index() == 0 else False
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    stop = bool(multihost_utils.broadcast_one_to_all(np.bool_(stop)))
+  return stop
 
 
 def _say(message: str):

@@ -14,10 +14,10 @@ import json
 import os
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from data_prep.sensorium_source import MouseSource
-from v1t_jax import metrics
+from v1t_jax import cli, metrics
 
 
 def oracle(zip_path: str, tier: str) -> float:
@@ -46,9 +46,9 @@ _TIER = flags.DEFINE_string("tier", "test", "tier")
 
 
 def main(argv):
-  del argv
+  cli.no_positional(argv)
   print(json.dumps(oracles(_ZIPS.value, _TIER.value)))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -33,9 +33,10 @@ import time
 import zipfile
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from data_prep import simulate
+from v1t_jax import cli
 
 # One hash for every synthetic zip: the published zips share one too, and a reader can tell ours
 # apart from the real `94c6ff995dac583098847cfecd43e7b6`.
@@ -321,7 +322,10 @@ def write_trial_meta(tree: ZipTree, spec: MouseSpec, plan: TrialPlan, seed: int,
   else:
     trial_idx = plan.presentation
   start = np.datetime64("2020-01-01T09:00:00") + plan.presentation * np.timedelta64(900, "ms")
-  stamps = np.array([f"Timestamp('{str(t).replace('T', ' ')}')" for t in start], dtype="<U40")
+  # Whole seconds, as in the real files ("Timestamp('2020-01-01 09:43:22')"; the original's
+  # parser expects no fraction): the clock of ~0.9 s trials, truncated.
+  stamps = np.array([f"Timestamp('{str(t).replace('T', ' ')}')"
+                     for t in start.astype("datetime64[s]")], dtype="<U40")
   animal, session, scan = (int(v) for v in spec.data_key.split("-"))
   tree.save("meta/trials/tiers.npy", plan.tiers)
   tree.save("meta/trials/trial_idx.npy", trial_idx)
@@ -387,25 +391,29 @@ def _write_and_report(out_dir: str, spec: MouseSpec, preset: Preset, seed: int, 
   return path
 
 
-_OUT = flags.DEFINE_string("out", None, "output folder for the zips", required=True)
-_PRESET = flags.DEFINE_enum("preset", "tiny", sorted(PRESETS), "dataset size")
-_SEED = flags.DEFINE_integer("seed", 0, "random seed (the output is a deterministic function of it)")
-_TRIALS = flags.DEFINE_integer("trials", None, "train + validation trials per mouse (shrinks a preset)")
-_COLOR = flags.DEFINE_bool("color", False, "Franke-style 2x36x64 ColorImageNet zips")
-_COMPETITION = flags.DEFINE_bool(
-    "competition", None, "make the first two mice competition mice (default: on for 'sensorium')")
-_WORKERS = flags.DEFINE_integer(
-    "workers", None, "processes writing mice in parallel (default: one per mouse, or one per "
-    "core when there are more than twice as many mice as cores)")
+def define_flags():
+  """The command line's flags, defined only when run as a program: importing this module (as
+  data_prep.prepare does, in processes with flags of their own) defines none."""
+  flags.DEFINE_string("out", None, "output folder for the zips", required=True)
+  flags.DEFINE_enum("preset", "tiny", sorted(PRESETS), "dataset size")
+  flags.DEFINE_integer("seed", 0, "random seed (the output is a deterministic function of it)")
+  flags.DEFINE_integer("trials", None, "train + validation trials per mouse (shrinks a preset)")
+  flags.DEFINE_bool("color", False, "Franke-style 2x36x64 ColorImageNet zips")
+  flags.DEFINE_bool("competition", None,
+                    "make the first two mice competition mice (default: on for 'sensorium')")
+  flags.DEFINE_integer(
+      "workers", None, "processes writing mice in parallel (default: one per mouse, or one per "
+      "core when there are more than twice as many mice as cores)")
 
 
 def main(argv):
-  del argv
-  paths = synthesize(_OUT.value, _PRESET.value, _SEED.value, _TRIALS.value, _COLOR.value,
-                     _COMPETITION.value, _WORKERS.value)
+  cli.no_positional(argv)
+  f = flags.FLAGS
+  paths = synthesize(f.out, f.preset, f.seed, f.trials, f.color, f.competition, f.workers)
   for p in paths:
     print(p, file=sys.stdout)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  define_flags()
+  cli.run(main)

@@ -17,15 +17,28 @@ One example per trial, in file order within each tier (shuffling disabled):
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging as absl_logging
 
 from data_prep.sensorium_source import TIERS, MouseData
 from v1t_jax import dataset_meta
 
 _BYTES = tfds.features.Encoding.BYTES
+
+
+class _DropMessage(logging.Filter):
+  """Drops log records whose format string starts with `prefix`."""
+
+  def __init__(self, prefix: str):
+    super().__init__()
+    self.prefix = prefix
+
+  def filter(self, record):
+    return not str(record.msg).startswith(self.prefix)
 
 
 class MouseMetadata(tfds.core.Metadata):
@@ -86,7 +99,21 @@ class SensoriumMouse(tfds.core.GeneratorBasedBuilder):
     self._mouse = mouse
     self._checksum = checksum
     config = tfds.core.BuilderConfig(name=mouse.data_key, description=mouse.source_name)
-    super().__init__(data_dir=data_dir, config=config)
+    # Every mouse is a config made here; tfds warns "Using custom data configuration" for each.
+    quiet = _DropMessage("Using custom data configuration")
+    absl_logging.get_absl_logger().addFilter(quiet)
+    try:
+      super().__init__(data_dir=data_dir, config=config)
+    finally:
+      absl_logging.get_absl_logger().removeFilter(quiet)
+
+  # A local conversion downloads nothing: no "Downloading and preparing dataset Unknown size"
+  # and "downloaded and prepared" lines from tfds; data_prep.convert prints one line per mouse.
+  def _log_download_bytes(self):
+    pass
+
+  def _log_download_done(self):
+    pass
 
   def _info(self) -> tfds.core.DatasetInfo:
     m = self._mouse

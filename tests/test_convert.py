@@ -198,3 +198,125 @@ def test_cli_reports_error_and_exit_code(tiny_zips, tmp_path):
                         cwd=os.path.dirname(os.path.dirname(__file__)))
   assert proc.returncode == 1
   assert "data/responses/5.npy contains NaN" in proc.stderr
+
+
+def test_gather_src_joins_space_separated_paths():
+  argv = ["convert", "--overwrite", "--src", "a.zip", "b.zip", "--data_dir", "D", "stray"]
+  assert convert.gather_src(argv) == ["convert", "--overwrite", "--src=a.zip,b.zip",
+                                      "--data_dir", "D", "stray"]
+  assert convert.gather_src(["convert", "--src=a,b", "c", "--data_dir=D"]) == [
+      "convert", "--src=a,b,c", "--data_dir=D"]
+  assert convert.gather_src(["convert", "x", "--src", "a"]) == ["convert", "x", "--src=a"]
+
+
+def test_stray_argument_is_a_usage_error():
+  from absl import app
+  with pytest.raises(app.UsageError, match="'stray'"):
+    convert.main(["convert", "stray"])
+
+
+def test_quoted_glob_is_expanded(tiny_zips):
+  pattern = os.path.join(os.path.dirname(tiny_zips[0]), "static*.zip")
+  assert convert.expand_sources([pattern]) == sorted(tiny_zips)
+  with pytest.raises(SourceError, match="no file or folder matches"):
+    convert.expand_sources([pattern + "x*"])
+
+
+def test_cli_src_takes_shell_expanded_glob(tiny_zips, tiny_data_dir, tmp_path):
+  # As after `--src dir/*.zip`: space-separated paths (one pair comma-separated); all three
+  # mice are found (already converted, so skipped: nothing is written).
+  proc = subprocess.run([sys.executable, "-m", "data_prep.convert", "--src", tiny_zips[0],
+                         f"{tiny_zips[1]},{tiny_zips[2]}", "--data_dir", tiny_data_dir],
+                        capture_output=True, text=True,
+                        cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "3 mice found: 0 converted, 3 skipped" in proc.stdout
+  proc = subprocess.run([sys.executable, "-m", "data_prep.convert", f"--data_dir={tmp_path}",
+                         "stray", "--src", tiny_zips[0]], capture_output=True, text=True,
+                        cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert proc.returncode == 1 and "'stray'" in proc.stderr and not os.listdir(tmp_path)
+
+
+def test_local_conversion_prints_one_line_per_mouse(tiny_zips, tmp_path, capfd, caplog):
+  import logging
+  caplog.set_level(logging.INFO, logger="absl")
+  convert.convert([tiny_zips[2]], str(tmp_path))
+  out, err = capfd.readouterr()
+  lines = out.splitlines()
+  assert len(lines) == 2, out
+  assert lines[0].startswith("[1/1] 90003-4-5: 70 trials x 17 neurons from static90003-4-5")
+  assert lines[1] == f"1 mouse found: 1 converted, 0 skipped (already converted) -> {tmp_path}"
+  text = out + err + caplog.text
+  assert "ownload" not in text and "custom data configuration" not in text, text
+  convert.convert([tiny_zips[2]], str(tmp_path))   # a rerun: one line, the mouse is skipped
+  assert capfd.readouterr().out.splitlines()[0] == (
+      "[1/1] 90003-4-5: already converted from this source, skipped")
+
+
+def _changed_source(zip_path, tmp_path):
+  folder = extract(zip_path, tmp_path / "src")
+  p = os.path.join(folder, "data/responses/0.npy")
+  np.save(p, np.load(p) * 2)
+  return folder
+
+
+def test_overwrite_keeps_the_old_mouse_until_the_new_one_is_complete(tiny_zips, tmp_path,
+                                                                     monkeypatch):
+  out = str(tmp_path / "tfds")
+  (first,) = convert.convert([tiny_zips[2]], out)
+  folder = _changed_source(tiny_zips[2], tmp_path)
+
+  def die_midway(self, tier):   # the new mouse's writer fails after its first split
+    if tier != "train":
+      raise KeyboardInterrupt("killed")
+    yield from original(self, tier)
+
+  original = convert.SensoriumMouse._generate_examples
+  monkeypatch.setattr(convert.SensoriumMouse, "_generate_examples", die_midway)
+  with pytest.raises(KeyboardInterrupt):
+    convert.convert([folder], out, overwrite=True)
+  meta = dataset_meta.load_mouse_dir(first.path)   # the old mouse, whole
+  assert meta.info["source_name"] == os.path.basename(tiny_zips[2])
+  assert sorted(os.listdir(os.path.dirname(first.path))) == ["1.0.0"]   # no leftovers
+  monkeypatch.undo()
+
+  # Killed between the two renames: the next run puts the old mouse back.
+  os.rename(first.path, first.path + ".old")
+  assert dataset_meta.available_mice(out) == []
+  (again,) = convert.convert([tiny_zips[2]], out)
+  assert again.skipped and sorted(os.listdir(os.path.dirname(first.path))) == ["1.0.0"]
+
+  (second,) = convert.convert([folder], out, overwrite=True)
+  assert not second.skipped and second.path == first.path
+  assert sorted(os.listdir(os.path.dirname(first.path))) == ["1.0.0"]
+  builder = tfds.builder_from_directory(second.path)   # tfds reads the swapped-in folder
+  row = next(iter(tfds.as_numpy(builder.as_dataset(split="train"))))
+  np.testing.assert_array_equal(
+      row["responses"], np.load(os.path.join(folder, f"data/responses/{row['trial']}.npy")))
+  assert dataset_meta.load_mouse_dir(second.path).info["source_name"] == os.path.basename(folder)
+
+
+def test_read_only_data_dir_is_one_clear_error(tiny_zips, tmp_path, monkeypatch):
+  from data_prep import prepare
+  out = tmp_path / "read_only"
+  out.mkdir()
+  out.chmod(0o555)
+  if os.geteuid() == 0:   # root writes anyway: make the write itself fail as it would
+    def refuse(**kwargs):
+      raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(prepare.tempfile, "mkstemp", refuse)
+  with pytest.raises(prepare.DataDirError,
+                     match=rf"^--data_dir={out}: cannot write in this folder \(Permission denied\)$"):
+    convert.convert([tiny_zips[2]], str(out))
+  out.chmod(0o755)
+  assert os.listdir(out) == []
+
+
+def test_cli_data_dir_that_cannot_exist_is_one_line(tiny_zips, tmp_path):
+  (tmp_path / "a_file").write_text("")
+  bad = tmp_path / "a_file" / "tfds"
+  proc = subprocess.run([sys.executable, "-m", "data_prep.convert", f"--src={tiny_zips[2]}",
+                         f"--data_dir={bad}"], capture_output=True, text=True,
+                        cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert proc.returncode == 1
+  assert proc.stderr == f"error: --data_dir={bad}: cannot create this folder (Not a directory)\n"

@@ -40,7 +40,9 @@ def reference_metrics(pred, target, image_ids):
   mean_y = np.stack([target[image_ids == i].mean(0) for i in ids])
   noise_var = np.mean([target[image_ids == i].var(0, ddof=1) for i in ids], axis=0)
   total_var = target.var(0, ddof=1)
-  fev = (total_var - noise_var) / total_var
+  with np.errstate(divide="ignore", invalid="ignore"):
+    fev = (total_var - noise_var) / total_var
+  fev[target.std(0) <= 1e-8] = np.nan   # (numerically) constant: 0/0 in the challenge, dropped
   feve = 1 - (((target - pred) ** 2).mean(0) - noise_var) / (total_var - noise_var)
   return {"single_trial_correlation": metrics.correlation_reference(pred, target).mean(),
           "correlation_to_average": metrics.correlation_reference(mean_p, mean_y).mean(),
@@ -109,3 +111,26 @@ def test_sharded_sums_equal_unsharded():
   assert len(jax.device_put(pred, on).sharding.device_set) == 4
   np.testing.assert_allclose(np.asarray(sharded),
                              np.asarray(metrics.correlation_sums(pred, target, valid)), rtol=1e-6)
+
+
+def test_silent_neuron_is_dropped_from_feve():
+  # A silent neuron (responses ~1e-9, like the synthetic mice's) whose noise passes FEV >= 0.15
+  # by chance: its FEVE would be ~ -1e17. Its total std is below the evaluator's 1e-8 eps for
+  # "constant", so it counts as zero variance (NaN FEV, dropped), as in the challenge.
+  image_ids = np.array([3, 3, 8, 8])
+  keep = 6 / (1 - 0.1501) - 4   # FEV 0.1501 (fev_neuron)
+  active, silent = fev_neuron(keep), 2e-9 + 1e-9 * fev_neuron(keep)
+  target = np.stack([active, silent, 1e-3 * fev_neuron(keep)], axis=1)
+  pred = target + np.array([[0.3, 0.05, 0.001]] * 4)
+  acc = metrics.TierMetrics(3)
+  acc.add(pred.astype(np.float32), target.astype(np.float32), image_ids, np.ones(4, bool))
+  got, want = acc.result()["feve"], reference_metrics(pred, target, image_ids)["feve"]
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  assert np.isfinite(got)
+  kept = [1 - (((target[:, n] - pred[:, n]) ** 2).mean() - 2 * s**2) / (target[:, n].var(ddof=1)
+          - 2 * s**2) for n, s in ((0, 1.0), (2, 1e-3))]   # noise var 2 s^2 by construction
+  # The active and the small-but-real neuron (std 1e-3) only.
+  np.testing.assert_allclose(got, np.mean(kept), rtol=1e-5)
+  only_silent = metrics.TierMetrics(1)
+  only_silent.add(pred[:, 1:2], target[:, 1:2], image_ids, np.ones(4, bool))
+  assert np.isnan(only_silent.result()["feve"])

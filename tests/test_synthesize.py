@@ -68,7 +68,10 @@ def test_every_file_dtype_and_shape(tiny_zips):
     for f in ("frame_image_id", "frame_image_class", "frame_trial_ts", "trial_idx"):
       assert load(zf, root, f"meta/trials/{f}.npy").shape == (t,), f
     assert load(zf, root, "meta/trials/frame_image_id.npy").dtype == np.int64
-    assert load(zf, root, "meta/trials/frame_trial_ts.npy")[0].startswith("Timestamp('")
+    # Whole seconds, as the real files and the original's parser (no ".800" fraction).
+    stamps = load(zf, root, "meta/trials/frame_trial_ts.npy")
+    assert all(re.fullmatch(r"Timestamp\('2020-01-01 \d\d:\d\d:\d\d'\)", s) for s in stamps)
+    assert stamps.dtype.kind == "U"
     # meta/statistics: 5 stats x 4 fields under all/ and stimulus_Frame/
     shapes = {"images": (), "responses": (n,), "behavior": (3,), "pupil_center": (2,)}
     for field, shape in shapes.items():

@@ -74,6 +74,11 @@ def test_metrics_table_puts_the_oracle_and_the_ratio_next_to_the_model():
       "test (2 mice, averaged)              model  oracle  ratio",
       "  single_trial_correlation           0.321   0.500  0.64x",
       "  correlation_to_average             0.555   0.800  0.69x"]
+  # No ratio to a ceiling <= 0: -1.5 / -0.04 is not "36.70x".
+  metrics["test"]["average"]["feve"] = -1.5
+  metrics["oracle"]["test"]["average"]["feve"] = -0.04
+  assert train.metrics_table(metrics).splitlines()[-1] == (
+      "  feve                              -1.500  -0.040")
 
 
 def test_plateau_reduces_then_stops_and_reloads_best(tiny_data_dir, tmp_path):
@@ -255,3 +260,30 @@ def test_neuron_sharded_mesh_equals_single_device(tiny_data_dir):
   config.data.mice = ()                                # N_max 31 cannot be split in 2
   with pytest.raises(ValueError, match="must divide the largest mouse's neuron count"):
     train.setup(config)
+
+
+def test_a_nan_state_is_never_saved(tiny_data_dir, tmp_path):
+  # A good epoch with a checkpoint every step, then a resume at a diverging lr: the NaN steps
+  # must not become checkpoints, nor push the good ones out (two kept).
+  workdir = str(tmp_path / "run")
+  config = tiny_config(tiny_data_dir, num_epochs=1, checkpoint_every_steps=1)
+  train.train_and_evaluate(config, workdir)
+  config.train.num_epochs, config.train.lr = 3, 1e38
+  result = train.train_and_evaluate(config, workdir)
+  trainer = train.setup(config)
+  latest, best = train.checkpoint_managers(workdir)
+  steps = latest.all_steps()
+  for step in steps:
+    state, _ = train.restore(latest, trainer, step)
+    assert all(np.isfinite(x).all() for x in leaves((state["params"], state["opt_state"])))
+  latest.close(), best.close()
+  assert steps == [3, 4]   # step 4 (params ~1e38) is finite; step 5 is not, and is not saved
+  assert result["error"].startswith("NaN/inf parameters or optimizer state at step 5 (epoch 1)")
+  assert "stopped without saving it, the last good checkpoint is " in result["error"]
+  assert result["error"].endswith(os.path.join(workdir, "checkpoints", str(max(steps))))
+  assert result["checkpoint_step"] == 3   # the best state is still evaluated
+  # The jitted check itself, on an independent reference.
+  tree = {"a": np.ones(3, np.float32), "n": np.int32(7), "b": np.array([1.0, np.inf])}
+  assert not train.state_is_finite({"params": tree, "opt_state": ()})
+  tree["b"][1] = 0.0
+  assert train.state_is_finite({"params": tree, "opt_state": ()})

@@ -57,8 +57,9 @@ class TierMetrics:
 
   Single-trial correlation as above; correlation to average over the per-image means (images in
   sorted id order, which the sums do not depend on); FEVE with ddof 1 for the noise and total
-  variances and the FEV >= 0.15 neuron filter (`sensorium_format.md` §7). Memory is
-  O(images x neurons), never O(trials x neurons).
+  variances and the FEV >= 0.15 neuron filter (`sensorium_format.md` §7); a neuron of
+  (numerically) zero total variance (std <= 1e-8) has NaN FEV and is dropped, as in the challenge.
+  All sums are float64. Memory is O(images x neurons), never O(trials x neurons).
   """
 
   def __init__(self, num_neurons: int):
@@ -93,6 +94,11 @@ class TierMetrics:
       with np.errstate(divide="ignore", invalid="ignore"):
         fev = (total_var - noise_var) / total_var
         feve = 1 - (sum_se.sum(0) / trials - noise_var) / (total_var - noise_var)
+      # Zero total variance: the challenge's FEV is 0/0 = NaN and drops the neuron. A total std
+      # at or below the evaluator's own eps for "constant" (1e-8, as in corr) is zero up to
+      # rounding: a silent neuron (responses ~1e-9) whose FEV is noise and whose FEVE explodes
+      # (-1e17) when that noise passes the threshold.
+      fev = np.where(total_var > EPS**2, fev, np.nan)
       keep = fev >= 0.15   # NaN FEV fails the test
       out["feve"] = float(feve[keep].mean()) if keep.any() else float("nan")
     else:

@@ -17,7 +17,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from v1t_jax import image_stage
+from v1t_jax import cli, image_stage
 from v1t_jax import model as v1t_model
 
 SENSORIUM_HW = (144, 256)  # raw Sensorium frames (sensorium_format.md)
@@ -40,8 +40,7 @@ def abstract_model(
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.no_positional(argv)
   if not _NEURONS.value:
     raise app.UsageError("--neurons is required, e.g. --neurons=7538,8372")
   config = _CONFIG.value
@@ -56,4 +55,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   flags.mark_flag_as_required("config")
-  app.run(main)
+  cli.run(main)

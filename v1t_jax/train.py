@@ -6,6 +6,11 @@ batch reproduces the original's "accumulate one batch of every mouse, then step"
 After every epoch the validation single-trial correlation drives the original's plateau rule
 (§8.4), checkpoints go to `<workdir>/checkpoints` (latest, every epoch and every
 `checkpoint_every_steps`) and `<workdir>/best` (best validation correlation).
+
+What users type works or fails loudly: no NaN/inf state is ever saved (checked before every
+save), a resume skips (and moves aside) damaged checkpoints and names config fields that cannot
+change, a workdir takes one trainer at a time, and RunError carries one-line messages that
+launch_train prints instead of a traceback.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import dataclasses
 import functools
 import json
 import os
+import time
 from collections.abc import Callable, Sequence
 
 import jax
@@ -32,6 +38,28 @@ from v1t_jax.model import V1T, ModelConfig
 from v1t_jax.plateau import Action, Plateau
 
 MODEL_INPUTS = ("image", "behavior", "pupil_center", "responses", "valid")
+
+
+class RunError(RuntimeError):
+  """A run that cannot go on, with a one-line message for the user (launch_train exits with it)."""
+
+
+class NonFiniteError(RunError):
+  """Training reached NaN/inf values before any epoch finished well; nothing of them was saved."""
+
+
+@jax.jit
+def all_finite(tree) -> jax.Array:
+  """True when every floating-point leaf of `tree` is finite: one reduction on device."""
+  flags = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+           if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.stack(flags).all() if flags else jnp.bool_(True)
+
+
+def state_is_finite(state: dict) -> bool:
+  """Whether the parameters and the optimizer state hold only finite values (checked before
+  every save, so that no NaN state ever becomes a checkpoint)."""
+  return bool(all_finite((state["params"], state["opt_state"])))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,6 +183,50 @@ def state_spec(path, leaf, mesh: jax.sharding.Mesh) -> P:
   return P(None, "neurons")
 
 
+PROGRESS_EVERY_S = 30.0   # default of `train.progress_every_s` (a config may set it)
+
+
+class Progress:
+  """A progress line every `every_s` seconds (process 0) while a loop runs: how far, the rate
+  since the start and the time left, e.g.
+  `epoch 3/17: step 40/106 (38%), 3.85 steps/s, ETA 0:00:17`. Nothing before `every_s` has
+  passed, so short loops print nothing and logs are not flooded."""
+
+  def __init__(self, what: str, total: int, unit: str = "step", done: int = 0,
+               every_s: float = PROGRESS_EVERY_S, clock: Callable[[], float] = time.monotonic):
+    self.what, self.total, self.unit, self.every_s, self.clock = what, total, unit, every_s, clock
+    self.start_done = done
+    self.start = self.last = clock()
+
+  def __call__(self, done: int, wait_for=None) -> bool:
+    """Prints the line if it is due (after blocking on `wait_for`, so that the rate counts
+    finished work); returns whether it printed."""
+    now = self.clock()
+    if now - self.last < self.every_s:
+      return False
+    if wait_for is not None:
+      jax.block_until_ready(wait_for)
+      now = self.clock()
+    self.last = now
+    rate = (done - self.start_done) / max(now - self.start, 1e-9)
+    left = (self.total - done) / rate if rate > 0 else float("inf")
+    _say(f"{self.what}: {self.unit} {done}/{self.total} ({100 * done / max(self.total, 1):.0f}%), "
+         f"{rate:.3g} {self.unit}s/s, ETA {_duration(left)}")
+    return True
+
+
+def _duration(seconds: float) -> str:
+  """H:MM:SS, or '?' when unknown (no progress yet)."""
+  if not np.isfinite(seconds) or seconds > 1e7:
+    return "?"
+  minutes, secs = divmod(round(seconds), 60)
+  return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+
+
+def _progress_every_s(config) -> float:
+  return float(config.train.get("progress_every_s", PROGRESS_EVERY_S))
+
+
 @dataclasses.dataclass
 class Trainer:
   """The jitted steps of one run plus what they need from the data (no config globals)."""
@@ -224,9 +296,13 @@ class Trainer:
   def evaluate(self, state: dict, tier: str) -> dict:
     """Single-trial correlation (per neuron over the whole tier) and Poisson loss per mouse."""
     from v1t_jax import input_pipeline   # TensorFlow only where data is read
-    ds, _ = input_pipeline.eval_dataset(self.mice, tier, self.config.data)
-    outs = [self.eval_step(state["params"], state["buffers"], self.device_batch(b))
-            for b in input_pipeline.as_numpy(ds)]
+    ds, num_batches = input_pipeline.eval_dataset(self.mice, tier, self.config.data)
+    progress = Progress(f"evaluating {tier}", num_batches, "batch",
+                        every_s=_progress_every_s(self.config))
+    outs = []
+    for b in input_pipeline.as_numpy(ds):
+      outs.append(self.eval_step(state["params"], state["buffers"], self.device_batch(b)))
+      progress(len(outs), wait_for=outs[-1])
     corr_sums = sum(np.asarray(o["corr_sums"], np.float64) for o in outs)
     poisson = sum(np.asarray(o["poisson"], np.float64) for o in outs)
     per_mouse, mean = metrics.mean_correlation(corr_sums, self.neuron_counts)
@@ -239,10 +315,13 @@ class Trainer:
     """Single-trial correlation, correlation to average and FEVE of `tier` for the given mice
     (and of the noise-free truth, the oracle, where `truth` gives standardised rates per trial)."""
     from v1t_jax import input_pipeline
-    ds, _ = input_pipeline.eval_dataset(self.mice, tier, self.config.data)
+    ds, num_batches = input_pipeline.eval_dataset(self.mice, tier, self.config.data)
     model = {m: metrics.TierMetrics(self.neuron_counts[m]) for m in mice}
     oracle = {m: metrics.TierMetrics(self.neuron_counts[m]) for m in (truth or {})}
-    for b in input_pipeline.as_numpy(ds):
+    progress = Progress(f"challenge metrics on {tier}", num_batches, "batch",
+                        every_s=_progress_every_s(self.config))
+    for i, b in enumerate(input_pipeline.as_numpy(ds)):
+      progress(i)
       pred = np.asarray(self.eval_step(state["params"], state["buffers"],
                                        self.device_batch(b))["pred"])   # replicated output
       b = {k: _all_rows(b[k]) for k in ("responses", "image_id", "valid", "trial")}
@@ -353,11 +432,13 @@ def run_path(workdir: str) -> epath.Path:
   return epath.Path(workdir if "://" in workdir else os.path.abspath(workdir))
 
 
-def checkpoint_managers(workdir: str):
-  options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
+def checkpoint_managers(workdir: str, create: bool = True):
+  """The managers of `<workdir>/checkpoints` (2 kept) and `<workdir>/best` (1 kept); with
+  create=False they make no folders (evaluation)."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=2, create=create)
   latest = ocp.CheckpointManager(run_path(workdir) / "checkpoints", options=options)
   best = ocp.CheckpointManager(run_path(workdir) / "best",
-                               options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+                               options=ocp.CheckpointManagerOptions(max_to_keep=1, create=create))
   return latest, best
 
 
@@ -378,6 +459,115 @@ def restore(manager: ocp.CheckpointManager, trainer: Trainer, step: int | None =
   r = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
   return r.state, r.meta
+
+
+def _one_line(error: BaseException) -> str:
+  """An exception as `Type: first line` (orbax and tensorstore errors run to many lines)."""
+  lines = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
+
+
+# Fields that define what one step is: the step counter, the epoch boundaries (step / steps per
+# epoch), the lr decay and the position in the data order all count batches of this size.
+STEP_FIELDS = ("data.batch_size", "data.limit_data", "train.max_steps_per_epoch")
+
+
+def _flat_json(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat_json(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def _changes(changed: dict, keys=None) -> str:
+  return ", ".join(f"{k} {changed[k][0]!r} -> {changed[k][1]!r}" for k in keys or changed)
+
+
+def resume_changes(meta: dict, config, where) -> dict:
+  """{field: (checkpoint's value, this config's)} where this config differs from the one the
+  checkpoint recorded (meta["run"]["config"]; {} for checkpoints without it).
+
+  Raises RunError where a resume cannot continue the run: STEP_FIELDS (another batch size would
+  count steps and epochs in other units and resume elsewhere in the data).
+  """
+  saved = meta.get("run", {}).get("config")
+  if not saved:
+    return {}
+  saved, now = _flat_json(saved), _flat_json(json.loads(config.to_json_best_effort()))
+  missing = "(none)"
+  changed = {k: (saved.get(k, missing), now.get(k, missing))
+             for k in sorted(set(saved) | set(now)) if saved.get(k, missing) != now.get(k, missing)}
+  step = [k for k in STEP_FIELDS if k in changed]
+  if step:
+    raise RunError(f"{where} was trained with other step settings ({_changes(changed, step)}): "
+                   "its step counter, epoch boundaries and data position count those batches, so "
+                   "this run would not continue it; resume with the checkpoint's values or use "
+                   "another --workdir")
+  return changed
+
+
+def restore_newest_intact(manager: ocp.CheckpointManager, trainer: Trainer,
+                          workdir: str) -> tuple[dict, dict] | None:
+  """The newest checkpoint of `manager` that restores completely with finite values, or None
+  when there is none at all.
+
+  A damaged one (a file missing or truncated, its metadata gone, NaN/inf values) is named and,
+  once an older one has restored, moved to `<workdir>/damaged_checkpoints/<step>`: never
+  deleted, and out of orbax's way (its next save of that step, or its pruning, would delete it).
+  Raises RunError, moving nothing, when every checkpoint is damaged, and when this config
+  differs from the checkpoint's in the model (naming the fields) or in STEP_FIELDS; other
+  differences (lr, epochs, ...) are printed in one line.
+  """
+  damaged = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    except Exception as e:  # noqa: BLE001  orbax, tensorstore and json raise many types
+      damaged.append((step, _one_line(e)))
+      continue
+    changed = resume_changes(meta, trainer.config, manager.directory / str(step))
+    try:
+      state, meta = restore(manager, trainer, step)
+    except Exception as e:  # noqa: BLE001  another model, or damage
+      model = [k for k in changed if k.startswith("model.") or k == "data.mice"]
+      if model:   # not damage: the checkpoint holds another model
+        raise RunError(f"{manager.directory / str(step)} holds another model than this config "
+                       f"({_changes(changed, model)}); resume with the checkpoint's values or "
+                       "use another --workdir") from None
+      damaged.append((step, _one_line(e)))
+      continue
+    if not state_is_finite(state):
+      damaged.append((step, "it holds NaN/inf values"))
+      continue
+    if changed:
+      _say(f"resuming with settings other than the checkpoint's: {_changes(changed)}")
+    break
+  else:
+    if not damaged:
+      return None
+    listed = "; ".join(f"{manager.directory / str(s)}: {why}" for s, why in damaged)
+    raise RunError(f"no intact checkpoint to resume from ({listed}); move them away to start "
+                   "afresh, or use another --workdir")
+  aside = run_path(workdir) / "damaged_checkpoints"
+  for bad, why in damaged:
+    target = aside / str(bad)
+    n = 1
+    while target.exists():
+      target, n = aside / f"{bad}-{n}", n + 1
+    if jax.process_index() == 0:
+      aside.mkdir(parents=True, exist_ok=True)
+      (manager.directory / str(bad)).rename(target)
+    _say(f"checkpoint {manager.directory / str(bad)} is damaged ({why}); moved it to {target} "
+         f"and resuming from step {step}")
+  if damaged:
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("damaged checkpoints moved")
+    manager.reload()
+  return state, meta
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,14 +604,62 @@ def _scalars(prefix: str, result: dict) -> dict:
   return out
 
 
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+  """An exclusive lock on `<workdir>/.lock` for the duration of a run: a second trainer on the
+  same workdir stops with RunError instead of both crashing in orbax.
+
+  fcntl.flock, taken by process 0 on local workdirs (gs:// ones are not locked): the kernel
+  releases it when the process ends, even by SIGKILL, so a lock file left behind is never stale.
+  """
+  if "://" in workdir:
+    yield
+    return
+  held, holder, lock = True, "", None
+  if jax.process_index() == 0:
+    import fcntl
+    import socket
+    os.makedirs(workdir, exist_ok=True)
+    # Held open across the yield (closing it releases the lock), so no `with`.
+    lock = open(os.path.join(os.path.abspath(workdir), ".lock"), "a+")  # noqa: SIM115
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      lock.seek(0)
+      lock.truncate()
+      lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+      lock.flush()
+    except BlockingIOError:
+      lock.seek(0)
+      holder = lock.read().strip()
+      lock.close()
+      held, lock = False, None
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    held = bool(multihost_utils.broadcast_one_to_all(np.bool_(held)))
+  if not held:
+    raise RunError(f"{workdir} is in use by another training run ({holder or 'on process 0'}); "
+                   "wait for it to end, or use another --workdir")
+  try:
+    yield
+  finally:
+    if lock is not None:
+      lock.close()   # closing releases the lock
+
+
 def train_and_evaluate(config, workdir: str,
                        on_epoch: Callable[[int, dict], bool] | None = None) -> dict:
   """Trains (resuming from workdir when it holds a checkpoint), then evaluates the best state.
 
   `on_epoch(epoch, val)`, if given, is called on process 0 after every epoch's validation and
   checkpoints (epoch counted from 1, `val` as `Trainer.evaluate`); True stops training there with
-  stop_reason "pruned" (hyperparameter sweeps, v1t_jax/sweep.py).
+  stop_reason "pruned" (hyperparameter sweeps, v1t_jax/sweep.py). The workdir is locked while it
+  runs (workdir_lock).
   """
+  with workdir_lock(workdir):
+    return _train_and_evaluate(config, workdir, on_epoch)
+
+
+def _train_and_evaluate(config, workdir: str, on_epoch) -> dict:
   from clu import metric_writers, periodic_actions
   from v1t_jax import input_pipeline
 
@@ -434,8 +672,9 @@ def train_and_evaluate(config, workdir: str,
     steps_per_epoch = min(steps_per_epoch, config.train.max_steps_per_epoch)
   plateau = Plateau(config.train.lr_patience, config.train.lr_factor, config.train.max_reduce)
   start_epoch = 0
-  if latest.latest_step() is not None:
-    state, meta = restore(latest, trainer)
+  resumed = restore_newest_intact(latest, trainer, workdir)
+  if resumed is not None:
+    state, meta = resumed
     plateau = Plateau.from_state(meta["plateau"])
     start_epoch = meta["epoch"]
     _say(f"resumed from step {meta['step']} (epoch {start_epoch}) in {workdir}")
@@ -454,10 +693,14 @@ def train_and_evaluate(config, workdir: str,
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                            every_steps=config.train.log_every_steps)
   stop_reason = "max epochs"
+  nonfinite = None   # why the state went bad: nothing of it is saved, the run fails
   with metric_writers.ensure_flushes(writer):
     for epoch in range(start_epoch, config.train.num_epochs):
       outs = []
       epoch_end = (epoch + 1) * steps_per_epoch   # a run resumed mid-epoch finishes this epoch
+      epoch_start = epoch * steps_per_epoch
+      progress = Progress(f"epoch {epoch + 1}/{config.train.num_epochs}", steps_per_epoch,
+                          done=step - epoch_start, every_s=_progress_every_s(config))
       while step < epoch_end:
         batch = trainer.device_batch(next(train_iter))
         lr_scale = plateau.lr_scale * decay_factor(step, total_steps, decay_steps)
@@ -466,14 +709,21 @@ def train_and_evaluate(config, workdir: str,
         outs.append(out)
         step += 1
         report(step)
+        progress(step - epoch_start, wait_for=out["loss"])
         every = config.train.checkpoint_every_steps
         if every and step % every == 0 and step < epoch_end:   # the epoch's end saves below
+          if not state_is_finite(state):
+            nonfinite = f"NaN/inf parameters or optimizer state at step {step} (epoch {epoch})"
+            break
           save(latest, state, _meta(step, epoch, plateau, run=trainer.run_info))
+      if nonfinite:
+        break
       train = {k: np.mean([np.asarray(o[k]) for o in outs], axis=0) for k in outs[0]}
       if not np.isfinite(train["loss"]):
-        stop_reason = (f"NaN/inf training loss in epoch {epoch}; stopped without saving it, the "
-                       f"last good checkpoint is in {workdir}")
-        _say(stop_reason)
+        nonfinite = f"NaN/inf training loss in epoch {epoch}"
+        break
+      if not state_is_finite(state):
+        nonfinite = f"NaN/inf parameters or optimizer state at step {step} (epoch {epoch})"
         break
       with report.timed("eval"):
         val = trainer.evaluate(state, "validation")
@@ -493,7 +743,7 @@ def train_and_evaluate(config, workdir: str,
            f"{scalars['train/loss']:.1f}, val corr {val['single_trial_correlation_average']:.4f} "
            f"({action.value}, lr x{next_scale:.3g})")
       if not np.isfinite(val["single_trial_correlation_average"]):
-        stop_reason = f"NaN validation correlation in epoch {epoch}"
+        nonfinite = f"NaN validation correlation in epoch {epoch}"
         break
       if action is Action.IMPROVED:
         # Best before latest, and finished first: a run killed in between resumes from the
@@ -516,14 +766,27 @@ def train_and_evaluate(config, workdir: str,
         break
     latest.wait_until_finished()
     best.wait_until_finished()
+    if nonfinite:
+      stop_reason = f"{nonfinite}; stopped without saving it, {_last_good(latest, workdir)}"
     _say(f"training stopped: {stop_reason}")
     if best.latest_step() is None:
-      raise RuntimeError(f"training stopped before any epoch finished well: {stop_reason}")
+      error = NonFiniteError if nonfinite else RuntimeError
+      raise error(f"training stopped before any epoch finished well: {stop_reason}")
     result = evaluate_best(trainer, best, workdir, writer, step)
   result["stop_reason"] = stop_reason
+  if nonfinite:   # the best state is evaluated, but the run failed (launch_train exits 1)
+    result["error"] = stop_reason
   latest.close()
   best.close()
   return result
+
+
+def _last_good(latest: ocp.CheckpointManager, workdir: str) -> str:
+  """Names the newest checkpoint on disk (the one a rerun resumes from), or says there is none."""
+  steps = latest.all_steps()
+  if not steps:
+    return f"no checkpoint in {run_path(workdir) / 'checkpoints'} yet"
+  return f"the last good checkpoint is {run_path(workdir) / 'checkpoints' / str(max(steps))}"
 
 
 def _hook_says_stop(on_epoch: Callable[[int, dict], bool], epoch: int, val: dict) -> bool:
@@ -583,7 +846,9 @@ def metrics_table(challenge: dict) -> str:
         continue
       row = f"  {name:32s} {value:7.3f}"
       if ceiling and ceiling.get(name) is not None:
-        row += f" {ceiling[name]:7.3f} {value / ceiling[name]:5.2f}x"
+        row += f" {ceiling[name]:7.3f}"
+        if ceiling[name] > 0:   # a ratio to a ceiling <= 0 (or of two negatives) means nothing
+          row += f" {value / ceiling[name]:5.2f}x"
       lines.append(row)
   return "\n".join(lines)
 
@@ -592,8 +857,12 @@ def evaluate_best(trainer: Trainer, best: ocp.CheckpointManager, workdir: str, w
                   step: int = 0, checkpoint_step: int | None = None) -> dict:
   """Evaluates the best (or a given) checkpoint on validation and test; writes evaluation.json."""
   if best.latest_step() is None:
-    raise FileNotFoundError(f"{workdir}: no checkpoint to evaluate (expected {workdir}/best)")
-  state, meta = restore(best, trainer, checkpoint_step)
+    raise RunError(f"{workdir}: no checkpoint to evaluate (expected {workdir}/best)")
+  step = best.latest_step() if checkpoint_step is None else checkpoint_step
+  try:
+    state, meta = restore(best, trainer, step)
+  except Exception as e:   # orbax, tensorstore and json raise many types
+    raise RunError(f"checkpoint {best.directory / str(step)} is damaged ({_one_line(e)})") from e
   result = {"checkpoint_step": int(meta["step"]), "epoch": int(meta["epoch"]),
             "validation": trainer.evaluate(state, "validation")}
   keep = evaluable_test_mice(trainer)
@@ -647,10 +916,26 @@ def write_figures(writer, trainer: Trainer, state: dict, step: int, report=None,
     writer.write_images(step, figures.summary_images(trainer, state, step=step, prefix=prefix))
 
 
+def require_checkpoint(config, workdir: str):
+  """RunError (one line) unless `--mode=evaluate` has its checkpoint: the best one, or
+  `config.eval.step` of the latest ones. Makes no folder and reads no data."""
+  folder = run_path(workdir) / ("best" if config.eval.step is None else "checkpoints")
+  steps = []
+  if folder.exists():
+    steps = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+  if not steps:
+    raise RunError(f"--mode=evaluate: no checkpoint in {folder} (train first with --mode=train, "
+                   "or check --workdir)")
+  if config.eval.step is not None and config.eval.step not in steps:
+    raise RunError(f"--config.eval.step={config.eval.step}: no such checkpoint in {folder} "
+                   f"(there: {', '.join(map(str, steps))})")
+
+
 def evaluate_checkpoint(config, workdir: str) -> dict:
   """`--mode=evaluate`: the best checkpoint, or `config.eval.step` of the latest ones."""
+  require_checkpoint(config, workdir)
   trainer = setup(config)
-  latest, best = checkpoint_managers(workdir)
+  latest, best = checkpoint_managers(workdir, create=False)
   manager, step = (best, None) if config.eval.step is None else (latest, config.eval.step)
   result = evaluate_best(trainer, manager, workdir, checkpoint_step=step)
   latest.close()

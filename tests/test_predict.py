@@ -172,6 +172,9 @@ def test_clear_errors(predictor, run, tmp_path):
     predict.Predictor.from_workdir(run[0], which="latest")   # the helper saved only `best`
   with pytest.raises(FileNotFoundError, match=r"no checkpoint of step 7 \(saved steps: \[1\]\)"):
     predict.Predictor.from_workdir(run[0], step=7)
+  with pytest.raises(ValueError, match=r"--device gpu: no such device on this host \(available: "
+                     r"cpu\)"):   # the tests run on CPU only
+    predict.Predictor.from_workdir(run[0], device="gpu")
   (tmp_path / "empty").mkdir()
   with pytest.raises(FileNotFoundError, match="no .png files"):
     predict.read_images(str(tmp_path / "empty"))

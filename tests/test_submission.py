@@ -225,3 +225,9 @@ def test_scorer_cli_reports_errors(files, tmp_path):
   assert result.returncode == 1
   assert result.stderr.strip().endswith(f"error: {bad}: row 1, column prediction: 1 NaN or inf "
                                         "values (positions [4])")
+
+
+def test_help_names_every_command():
+  out = subprocess.run([sys.executable, "-m", "v1t_jax.submission", "--help"],
+                       capture_output=True, text=True, timeout=60, check=True).stdout
+  assert "submission truth --help" in out and "submission score --help" in out

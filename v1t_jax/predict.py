@@ -227,7 +227,12 @@ class Predictor:
     device: a jax.Device or a platform name ("cpu", "gpu", "tpu"); None = JAX's default device.
     """
     if isinstance(device, str):
-      device = jax.devices(device)[0]
+      try:
+        device = jax.devices(device)[0]
+      except RuntimeError:   # JAX: "Unknown backend" / "Backend 'gpu' failed to initialize"
+        have = sorted({d.platform for d in jax.devices()})
+        raise ValueError(f"--device {device}: no such device on this host (available: "
+                         f"{', '.join(have)})") from None
     device = device or jax.devices()[0]
     path = checkpoint_dir(workdir, which)
     manager, step = _open(path, step)

@@ -365,8 +365,11 @@ def score(submission_path: str, ground_truth_path: str) -> dict[str, float | Non
 
 
 def _write_main(argv):
-  p = argparse.ArgumentParser(prog="python -m v1t_jax.submission [write]",
-                              description="challenge submission CSVs from a run's checkpoint")
+  p = argparse.ArgumentParser(
+      prog="python -m v1t_jax.submission [write]",
+      description="challenge submission CSVs from a run's checkpoint",
+      epilog="other commands: `python -m v1t_jax.submission truth --help` (ground-truth CSVs) "
+             "and `python -m v1t_jax.submission score --help` (score a submission offline)")
   p.add_argument("--workdir", required=True, help="run directory of launch_train.py")
   p.add_argument("--data_dir", required=True, help="converted dataset (data_prep.convert)")
   p.add_argument("--out", default=None, help="output folder (default: <workdir>/submission)")

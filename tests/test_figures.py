@@ -49,6 +49,40 @@ def test_responses_figure(tmp_path):
   assert len(fig.axes[4].lines[0].get_xdata()) == figures.MAX_TRACE_TRIALS
 
 
+def numpy_correlations(x_TxN, y_TxN):
+  """Per-neuron Pearson r, written out independently of v1t_jax.metrics."""
+  xc, yc = x_TxN - x_TxN.mean(0), y_TxN - y_TxN.mean(0)
+  with np.errstate(invalid="ignore", divide="ignore"):   # silent neuron: NaN
+    return (xc * yc).sum(0) / np.sqrt((xc ** 2).sum(0) * (yc ** 2).sum(0))
+
+
+def test_response_figure_shows_distribution_median_and_oracle(tmp_path):
+  trials, n = 150, 40
+  truth = RNG.gamma(2.0, size=(trials, n))
+  recorded = truth + RNG.normal(scale=1.0, size=(trials, n))
+  predicted = truth + RNG.normal(scale=np.linspace(0.5, 4.0, n), size=(trials, n))
+  recorded[:, 7] = 0.0   # a silent neuron: NaN, left out of the distribution
+  t = figures.MouseTier("A", np.arange(100, 100 + n), recorded, predicted,
+                        RNG.normal(size=(1, 36, 64, 1)), RNG.uniform(size=(1, 36, 64)),
+                        np.array([0]), np.array([0]), oracle=truth)
+  figs = figures.tier_figures([t], "validation", 3)
+  fig = figs["responses/A"]
+  check_png(fig, str(tmp_path / "responses.png"))
+  model_r, oracle_r = numpy_correlations(predicted, recorded), numpy_correlations(truth, recorded)
+  active = np.arange(n) != 7
+  (dist,) = [ax for ax in fig.axes if ax.get_title() == figures.DISTRIBUTION_TITLE]
+  model_line, oracle_line = [line for line in dist.lines if len(line.get_xdata()) > 2]
+  np.testing.assert_allclose(model_line.get_xdata(), np.sort(model_r[active]), atol=1e-5)
+  np.testing.assert_allclose(oracle_line.get_xdata(), np.sort(oracle_r[active]), atol=1e-5)
+  np.testing.assert_allclose(model_line.get_ydata(), np.arange(1, n) / (n - 1))
+  # Columns: the 3 best neurons by the NumPy r, then the one nearest the median.
+  order = np.argsort(-np.where(active, model_r, -np.inf))
+  median = np.argmin(np.abs(np.where(active, model_r, np.inf) - np.median(model_r[active])))
+  titles = [ax.get_title() for ax in fig.axes[:4]]
+  assert [int(x.split("neuron ")[1].split()[0]) - 100 for x in titles] == [*order[:3], median]
+  assert "(median)" in titles[3] and "oracle median" in fig.get_suptitle()
+
+
 def test_best_neurons_skips_nan():
   corr = np.array([0.1, np.nan, 0.5, -0.2, 0.3])
   np.testing.assert_array_equal(figures.best_neurons(corr, 3), [2, 4, 0])
@@ -115,11 +149,62 @@ def test_cli_end_to_end(tiny_run, tmp_path):
   for p in paths:
     with Image.open(p) as im:
       assert im.size[0] > 400 and im.size[1] > 200
-  # Without the dataset: the figures that need none.
-  paths = figures.main(["--workdir", workdir, "--data_dir", str(tmp_path / "none"),
-                        "--out", str(tmp_path / "nodata")])
+  # An explicit --data_dir without a dataset fails loudly.
+  with pytest.raises(FileNotFoundError, match="no converted dataset"):
+    figures.main(["--workdir", workdir, "--data_dir", str(tmp_path / "none"),
+                  "--out", str(tmp_path / "nodata")])
+
+
+def test_cli_without_dataset_names_what_it_skipped(tiny_run, tmp_path, monkeypatch, capsys):
+  from v1t_jax import dataset_meta
+  _, workdir = tiny_run
+  monkeypatch.setattr(dataset_meta, "available_mice", lambda data_dir: [])   # config's path gone
+  out = str(tmp_path / "nodata")
+  paths = figures.main(["--workdir", workdir, "--out", out])
   assert sorted(os.path.basename(p) for p in paths) == ["readout_positions.png",
                                                         "training_curves.png"]
+  mice = ["90001-1-1", "90002-2-3", "90003-4-5"]
+  expected = sorted(os.path.join(out, f"{kind}_{m}.png") for kind in ("rollout", "responses")
+                    for m in mice)
+  assert sorted(paths.skipped) == expected
+  err = capsys.readouterr().err
+  for path in expected:   # one stderr line each, with the reason
+    (line,) = [x for x in err.splitlines() if path in x]
+    assert "no converted dataset" in line
+  assert "skipped 6" in err
+
+
+def test_trained_run_response_figure_has_model_and_oracle_distributions(tiny_run, tiny_zips):
+  from v1t_jax import predict
+  config, workdir = tiny_run
+  predictor = predict.Predictor.from_workdir(workdir)
+  predictor.config.synthetic.zip_dir = os.path.dirname(tiny_zips[0])
+  mice = figures.dataset_mice(predictor, config.data.data_dir)
+  tiers = figures.collect_tier(predictor, mice, "validation", 1,
+                               figures.synthetic_truth(predictor.config, mice))
+  figs = figures.tier_figures(tiers, "validation", 2)
+  for t in tiers:
+    assert t.oracle is not None and t.oracle.shape == t.recorded.shape
+    (dist,) = [ax for ax in figs[f"responses/{t.name}"].axes
+               if ax.get_title() == figures.DISTRIBUTION_TITLE]
+    model_line, oracle_line = [line for line in dist.lines if len(line.get_xdata()) > 2]
+    active = t.recorded.std(0) > figures.SILENT_STD
+    for line, source in ((model_line, t.predicted), (oracle_line, t.oracle)):
+      r = numpy_correlations(np.float64(source), np.float64(t.recorded))[active]
+      np.testing.assert_allclose(line.get_xdata(), np.sort(r), atol=1e-4)
+
+
+def test_synthetic_truth_of_the_tiny_preset(tiny_zips, tiny_data_dir):
+  from v1t_jax import dataset_meta
+  config = synthetic.get_config("tiny")
+  config.synthetic.zip_dir = os.path.dirname(tiny_zips[0])
+  mice = dataset_meta.resolve_mice(tiny_data_dir)
+  truth = figures.synthetic_truth(config, mice)
+  assert sorted(truth) == sorted(m.name for m in mice)
+  for meta in mice:
+    assert truth[meta.name].shape[1] == meta.num_neurons
+  config.synthetic.zip_dir = "/nonexistent"
+  assert figures.synthetic_truth(config, mice) == {}
 
 
 def test_summary_images_of_a_training_state(tiny_run):

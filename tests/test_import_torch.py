@@ -424,6 +424,101 @@ def test_torch_file_round_trip(tmp_path):
   np.testing.assert_array_equal(loaded["readouts.A.bias"], sd["readouts.A.bias"])
 
 
+def original_scheduler_state(torch, monkeypatch):
+  """What the original's Scheduler.state_dict() pickles (src/v1t/utils/scheduler.py): its
+  GradScaler (as an enabled CUDA scaler pickles it), args.device and NumPy scalars."""
+  import collections
+  import sys
+  import types
+  import warnings
+  try:
+    from torch.cuda.amp.grad_scaler import GradScaler
+  except ImportError:   # gone from this torch: a stand-in of the same class path
+    GradScaler = type("GradScaler", (), {"__module__": "torch.cuda.amp.grad_scaler"})
+    module = sys.modules.get("torch.cuda.amp.grad_scaler") or types.ModuleType(
+        "torch.cuda.amp.grad_scaler")
+    monkeypatch.setitem(sys.modules, "torch.cuda.amp.grad_scaler", module)
+    monkeypatch.setattr(module, "GradScaler", GradScaler, raising=False)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")   # deprecated / CUDA not available
+    scaler = GradScaler.__new__(GradScaler)
+  refresh = dict   # the defaultdict's factory: a function of torch.amp (torch.cuda.amp < 2.3)
+  for module in ("torch.amp.grad_scaler", "torch.cuda.amp.grad_scaler"):
+    try:
+      refresh = importlib.import_module(module)._refresh_per_optimizer_state
+      break
+    except (ImportError, AttributeError):
+      pass
+  scaler.__dict__.update(
+      _device="cuda", _enabled=True, _init_scale=65536.0, _scale=None, _growth_factor=2.0,
+      _backoff_factor=0.5, _growth_interval=2000, _init_growth_tracker=0, _growth_tracker=None,
+      _per_optimizer_states=collections.defaultdict(refresh))
+  return {"mode": "max", "scaler": scaler, "module_names": None, "max_reduce": 2,
+          "num_reduce": 0, "lr_patience": 10, "lr_wait": 3, "factor": 0.3, "min_epochs": 0,
+          "best_value": np.float32(0.31), "best_epoch": np.int64(12),
+          "device": torch.device("cuda"),
+          "checkpoint_dir": "runs/v1t/ckpt", "save_optimizer": True, "save_scheduler": True,
+          "verbose": 1, "extra": [np.float64(0.5), np.dtype("float32")]}
+
+
+class NotAllowed:
+  pass
+
+
+def test_original_checkpoint_loads_without_trust_pickle(tiny_data_dir, tmp_path, monkeypatch):
+  """The original's model_state.pt (weights + scheduler state) imports without --trust_pickle,
+  through the command's own path; any other pickled object is still refused."""
+  torch = pytest.importorskip("torch")
+  if not hasattr(torch.serialization, "add_safe_globals"):
+    pytest.skip("allow-listing pickled types needs torch >= 2.4")
+  mice = dataset_meta.resolve_mice(tiny_data_dir)
+  names = [m.name for m in mice]
+  cfg = ModelConfig(emb_dim=8, num_heads=2, num_blocks=1, mlp_dim=12, patch_size=6,
+                    patch_stride=6, behavior_mode=4)
+  sd = make_state_dict(cfg, names, [m.num_neurons for m in mice],
+                       [m.coordinates for m in mice], 1, image_hw=(36, 64), seed=3)
+  ckpt = {"epoch": 12, "value": 0.31, "model": {k: torch.from_numpy(v) for k, v in sd.items()},
+          "optimizer": {"state": {}, "param_groups": [{"lr": 1e-3, "name": "core"}]},
+          "scheduler": original_scheduler_state(torch, monkeypatch)}
+  path = str(tmp_path / "model_state.pt")
+  torch.save(ckpt, path)
+  args = {"core": "vit", "readout": "gaussian2d", "behavior_mode": 4, "shift_mode": 2,
+          "emb_dim": 8, "num_heads": 2, "num_blocks": 1, "mlp_dim": 12, "patch_size": 6,
+          "patch_stride": 6, "batch_size": 4, "mouse_ids": None, "device": "cuda", "seed": 42}
+  (tmp_path / "args.yaml").write_text(yaml.safe_dump(args))
+  report = import_torch.import_checkpoint(path, str(tmp_path / "args.yaml"), tiny_data_dir,
+                                          str(tmp_path / "imported"))
+  assert report["mice"] == names and report["naming"] == "head" and report["keys_loaded"]
+  assert os.path.exists(report["config"])
+
+  # Anything else pickled beside the weights: refused, naming the type.
+  ckpt["scheduler"]["extra"] = NotAllowed()
+  torch.save(ckpt, path)
+  with pytest.raises(ValueError, match=r"NotAllowed.*--trust_pickle"):
+    import_torch.load_state_dict_file(path)
+  loaded, info = import_torch.load_state_dict_file(path, trust_pickle=True)
+  assert info == {"epoch": 12, "value": 0.31} and sorted(loaded) == sorted(sd)
+
+
+def test_names_pickled_by_older_torch_load(tmp_path, monkeypatch):
+  """torch < 2.3 pickled the scaler's defaultdict factory as torch.cuda.amp.grad_scaler.*."""
+  import collections
+  torch = pytest.importorskip("torch")
+  if import_torch._torch_version(torch) < (2, 6):
+    pytest.skip("allow-listing a global under another name needs torch >= 2.6")
+  new_module = importlib.import_module("torch.amp.grad_scaler")
+  old_module = importlib.import_module("torch.cuda.amp.grad_scaler")
+  refresh = new_module._refresh_per_optimizer_state
+  with monkeypatch.context() as m:   # pickle it under the old name
+    m.setattr(refresh, "__module__", "torch.cuda.amp.grad_scaler")
+    m.setattr(old_module, "_refresh_per_optimizer_state", refresh, raising=False)
+    path = str(tmp_path / "model_state.pt")
+    torch.save({"model": {"core.reg_scale": torch.zeros(())},
+                "scheduler": {"states": collections.defaultdict(refresh)}}, path)
+  loaded, _ = import_torch.load_state_dict_file(path)
+  assert list(loaded) == ["core.reg_scale"]
+
+
 # ---------------------------------------------------------------------------------------------
 # The command end to end on the tiny synthetic data: import, then the project's evaluate path.
 

@@ -8,12 +8,17 @@ Writes into `--out` (default `<workdir>/figures`):
   rollout_<mouse>.png     the first images of the tier, their attention rollout (model_spec.md
                           §9.1) and the overlay;
   responses_<mouse>.png   predicted vs recorded standardised responses of the mouse's best
-                          neurons (highest single-trial correlation over the tier);
+                          neurons (highest single-trial correlation over the tier) and a
+                          median neuron, next to the distribution of all neurons' r;
   readout_positions.png   each mouse's readout mean positions on the core's h x w feature map,
                           coloured by the neuron's correlation;
   training_curves.png     losses, validation correlation and learning rate from the run's
                           TensorBoard event files.
-Without the dataset (no `--data_dir` and the config's path missing) only the last two are made.
+The response figure also shows a median neuron and the distribution of every neuron's r (and the
+oracle's, the noise-free truth's r, for synthetic data whose `.truth.npz` files exist).
+Without the dataset (no `--data_dir` and the config's path missing) only the last two are made and
+each PNG not written is named on stderr with its reason (an explicit `--data_dir` without a
+dataset is an error).
 
 The plotting functions take plain arrays and return matplotlib Figures (Agg canvas, no pyplot
 state); `to_rgb` turns a Figure into a uint8 [H, W, 3] array for clu's `writer.write_images`, and
@@ -111,12 +116,20 @@ def best_neurons(correlations_N: np.ndarray, k: int) -> np.ndarray:
 
 def plot_responses(recorded_TxK: np.ndarray, predicted_TxK: np.ndarray,
                    column_titles: Sequence[str], title: str,
-                   max_trials: int = MAX_TRACE_TRIALS) -> Figure:
+                   max_trials: int = MAX_TRACE_TRIALS,
+                   correlations: np.ndarray | None = None,
+                   oracle_correlations: np.ndarray | None = None) -> Figure:
   """Per neuron (column): predicted vs recorded scatter over all trials, and both traces over
-  the first `max_trials` trials."""
+  the first `max_trials` trials.
+
+  correlations: every neuron's r (NaN: silent); adds a last panel, right of the columns, with
+  their distribution (and that of `oracle_correlations`, the noise-free truth's, if given).
+  """
   trials, k = np.shape(recorded_TxK)
-  fig = new_figure(max(3.0 * k, 6.0), 5.6)
-  axes = fig.subplots(2, k, squeeze=False)
+  extra = correlations is not None
+  fig = new_figure(max(3.0 * (k + extra), 6.0), 5.6)
+  grid = fig.add_gridspec(2, k + extra)
+  axes = np.array([[fig.add_subplot(grid[r, j]) for j in range(k)] for r in range(2)])
   shown = min(trials, max_trials)
   for j in range(k):
     rec, pred = recorded_TxK[:, j], predicted_TxK[:, j]
@@ -142,8 +155,48 @@ def plot_responses(recorded_TxK: np.ndarray, predicted_TxK: np.ndarray,
   axes[0, 0].set_ylabel("predicted", fontsize=9)
   axes[1, 0].set_ylabel("standardised response", fontsize=9)
   axes[1, 0].legend(fontsize=8, frameon=False)
+  if extra:
+    plot_correlation_distribution(fig.add_subplot(grid[:, k]), correlations,
+                                  oracle_correlations)
   fig.suptitle(title, fontsize=11)
   return fig
+
+
+DISTRIBUTION_TITLE = "per-neuron r, all neurons"
+
+
+def plot_correlation_distribution(ax, correlations: np.ndarray,
+                                  oracle_correlations: np.ndarray | None = None) -> None:
+  """Cumulative distribution of per-neuron r (NaN left out), median as a dashed line.
+
+  Line data: x = the finite correlations sorted, y = fraction of neurons at or below.
+  """
+  for values, color, label in ((correlations, PREDICTED_COLOR, "model"),
+                               (oracle_correlations, "0.2", "oracle")):
+    if values is None:
+      continue
+    r = np.sort(np.asarray(values, np.float64)[np.isfinite(values)])
+    if not r.size:
+      continue
+    median = float(np.median(r))
+    ax.plot(r, np.arange(1, len(r) + 1) / len(r), color=color, lw=1.5,
+            label=f"{label}: median {median:.3f} (n = {len(r)})")
+    ax.axvline(median, color=color, lw=0.8, ls="--")
+  ax.set_title(DISTRIBUTION_TITLE, fontsize=9)
+  ax.set_xlabel("single-trial r", fontsize=9)
+  ax.set_ylabel("fraction of neurons", fontsize=9)
+  ax.set_ylim(0, 1.02)
+  ax.tick_params(labelsize=8)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, frameon=False, loc="upper left")
+
+
+def median_neuron(correlations_N: np.ndarray) -> int | None:
+  """Index of the neuron whose r is nearest the median r (NaN ignored); None if all NaN."""
+  c = np.asarray(correlations_N, np.float64)
+  if not np.isfinite(c).any():
+    return None
+  return int(np.nanargmin(np.abs(c - np.nanmedian(c))))
 
 
 def grid_to_map(positions_Nx2: np.ndarray, map_hw: Sequence[int]) -> np.ndarray:
@@ -304,6 +357,16 @@ class MouseTier:
   heatmaps: np.ndarray            # [k, H, W] their attention rollout
   trials: np.ndarray              # [k] trial ids (file numbers in the source zip)
   image_ids: np.ndarray           # [k]
+  oracle: np.ndarray | None = None   # [trials, N] noise-free truth of the tier (synthetic data)
+
+  @property
+  def oracle_correlations(self) -> np.ndarray | None:
+    """Per-neuron r of the noise-free truth with the recorded responses (the ceiling)."""
+    if self.oracle is None:
+      return None
+    from v1t_jax import metrics
+    corr = metrics.correlation_reference(self.oracle, self.recorded)
+    return np.where(self.recorded.std(axis=0) > SILENT_STD, corr, np.nan)
 
   @property
   def correlations(self) -> np.ndarray:
@@ -317,8 +380,11 @@ class MouseTier:
     return np.where(self.recorded.std(axis=0) > SILENT_STD, corr, np.nan)
 
 
-def collect_tier(predictor, mice, tier: str, num_images: int) -> list[MouseTier]:
+def collect_tier(predictor, mice, tier: str, num_images: int,
+                 truth: Mapping[str, np.ndarray] | None = None) -> list[MouseTier]:
   """Predictions for every trial of `tier` and the rollout of its first `num_images` trials.
+
+  truth: {mouse: standardised noise-free rates [file trials, N]} (synthetic data) for the oracle.
 
   Reads the converted dataset through the input pipeline (normalised like training) and runs the
   Predictor's one-mouse forward, so predictions equal the training-time evaluation.
@@ -326,7 +392,7 @@ def collect_tier(predictor, mice, tier: str, num_images: int) -> list[MouseTier]
   from v1t_jax import input_pipeline, rollout
 
   ds, _ = input_pipeline.eval_dataset(list(mice), tier, predictor.config.data)
-  rows = [{"recorded": [], "predicted": [], "first": []} for _ in mice]
+  rows = [{"recorded": [], "predicted": [], "first": [], "trial": []} for _ in mice]
   for batch in input_pipeline.as_numpy(ds):
     for m, meta in enumerate(mice):
       keep = np.asarray(batch["valid"][m], bool)
@@ -338,6 +404,7 @@ def collect_tier(predictor, mice, tier: str, num_images: int) -> list[MouseTier]
           batch_size=len(keep))
       inputs = [np.asarray(batch[k][m][keep]) for k in ("image", "behavior", "pupil_center")]
       rows[m]["predicted"].append(pred[keep])
+      rows[m]["trial"].append(np.asarray(batch["trial"][m][keep]))
       rows[m]["recorded"].append(np.asarray(batch["responses"][m][keep][:, : meta.num_neurons]))
       missing = num_images - sum(len(f[0]) for f in rows[m]["first"])
       if missing > 0:
@@ -355,9 +422,11 @@ def collect_tier(predictor, mice, tier: str, num_images: int) -> list[MouseTier]
           meta.name, image[i:i + 1], behavior[i:i + 1], pupil[i:i + 1], batch_size=1,
           return_attention=True)
       heat.append(np.asarray(rollout.attention_rollout(attention[0], image.shape[1:3])))
+    rates = (truth or {}).get(meta.name)
+    oracle = None if rates is None else rates[np.concatenate(rows[m]["trial"])]
     out.append(MouseTier(meta.name, predictor.neuron_ids(meta.name),
                          np.concatenate(rows[m]["recorded"]), np.concatenate(rows[m]["predicted"]),
-                         image, np.stack(heat), trial, image_id))
+                         image, np.stack(heat), trial, image_id, oracle))
   return out
 
 
@@ -365,8 +434,10 @@ def collect_tier(predictor, mice, tier: str, num_images: int) -> list[MouseTier]
 # All figures of a model.
 
 
-def tier_figures(tiers: Sequence[MouseTier], tier: str, num_neurons: int) -> dict[str, Figure]:
-  """rollout/<mouse> and responses/<mouse> figures."""
+def tier_figures(tiers: Sequence[MouseTier], tier: str, num_neurons: int,
+                 skipped: dict[str, str] | None = None) -> dict[str, Figure]:
+  """rollout/<mouse> and responses/<mouse> figures (the `num_neurons` best and a median neuron,
+  next to the distribution of every neuron's r and the oracle's); `skipped` gets the reasons."""
   figs = {}
   for t in tiers:
     titles = [f"{t.name}  trial {tr}  (image {im})" for tr, im in zip(t.trials, t.image_ids)]
@@ -376,28 +447,55 @@ def tier_figures(tiers: Sequence[MouseTier], tier: str, num_neurons: int) -> dic
     best = best_neurons(corr, num_neurons)
     best = best[np.isfinite(corr[best])]
     if not best.size:   # e.g. the withheld test responses of the competition mice
-      print(f"figures: {t.name} has no recorded {tier} responses; no response figure")
+      reason = f"mouse {t.name} has no recorded {tier} responses"
+      if skipped is not None:
+        skipped[f"responses/{t.name}"] = reason
+      else:
+        print(f"figures: {reason}; no response figure", file=sys.stderr)
       continue
+    titles = [f"{t.name} neuron {t.neuron_ids[j]} (best {i + 1})\nr = {corr[j]:.3f}"
+              for i, j in enumerate(best)]
+    median = median_neuron(corr)
+    if median not in best:   # a typical neuron, not only the flattering ones
+      best = np.append(best, median)
+      titles.append(f"{t.name} neuron {t.neuron_ids[median]} (median)\nr = {corr[median]:.3f}")
+    oracle = t.oracle_correlations
     figs[f"responses/{t.name}"] = plot_responses(
-        t.recorded[:, best], t.predicted[:, best],
-        [f"{t.name} neuron {t.neuron_ids[j]}\nr = {corr[j]:.3f}" for j in best],
-        f"Mouse {t.name}: {len(best)} best of {len(corr)} neurons ({tier}, single-trial r; "
-        f"mean r over {np.isfinite(corr).sum()} active neurons = {np.nanmean(corr):.3f})")
+        t.recorded[:, best], t.predicted[:, best], titles,
+        f"Mouse {t.name}: best and median of {len(corr)} neurons ({tier}, single-trial r; "
+        f"median {np.nanmedian(corr):.3f}, mean {np.nanmean(corr):.3f} over "
+        f"{np.isfinite(corr).sum()} active neurons"
+        + (f"; oracle median {np.nanmedian(oracle):.3f})" if oracle is not None else ")"),
+        correlations=corr, oracle_correlations=oracle)
   return figs
 
 
+def synthetic_truth(config, mice) -> dict[str, np.ndarray]:
+  """{mouse: standardised noise-free rates [file trials, N]} of a synthetic config's mice whose
+  `<zip>.truth.npz` is in config.synthetic.zip_dir ({} for real data)."""
+  if "synthetic" not in config:
+    return {}
+  from v1t_jax import submission
+  zip_dir = config.synthetic.zip_dir
+  return {meta.name: submission.synthetic_truth(meta, zip_dir) for meta in mice
+          if os.path.isfile(os.path.join(
+              zip_dir, meta.info["source_name"][: -len(".zip")] + ".truth.npz"))}
+
+
 def model_figures(predictor, mice=None, *, tier: str = "validation", num_images: int = 4,
-                  num_neurons: int = 4) -> dict[str, Figure]:
-  """Rollout, best-neuron and readout-position figures of a restored model.
+                  num_neurons: int = 4,
+                  skipped: dict[str, str] | None = None) -> dict[str, Figure]:
+  """Rollout, response and readout-position figures of a restored model.
 
   mice: the dataset's MouseMeta of the predictor's mice in model order (None: no data, only the
-  readout positions, uncoloured).
+  readout positions, uncoloured). skipped: gets {figure name: why not made}.
   """
   model = predictor.model
   figs, colors = {}, None
   if mice is not None:
-    tiers = collect_tier(predictor, mice, tier, num_images)
-    figs.update(tier_figures(tiers, tier, num_neurons))
+    tiers = collect_tier(predictor, mice, tier, num_images,
+                         synthetic_truth(predictor.config, mice))
+    figs.update(tier_figures(tiers, tier, num_neurons, skipped))
     colors = {t.name: t.correlations for t in tiers}
   positions = dict(zip(predictor.mice, readout_positions(model)))
   if colors is not None:   # a mouse without responses in this tier: all grey
@@ -440,30 +538,56 @@ def summary_images(trainer, state: dict, *, step: int, prefix: str = "figures/",
   return {prefix + name: to_rgb(fig)[None] for name, fig in figs.items()}
 
 
+class Written(list):
+  """The PNG paths written (a list), and `skipped`: {PNG path not written: why}."""
+
+  def __init__(self, paths: Sequence[str], skipped: Mapping[str, str]):
+    super().__init__(paths)
+    self.skipped = dict(skipped)
+
+
+def _png(out: str, name: str) -> str:
+  return os.path.join(out, name.replace("/", "_") + ".png")
+
+
 def write_figures(workdir: str, *, out: str | None = None, data_dir: str | None = None,
                   tier: str = "validation", which: str = "best", step: int | None = None,
-                  num_images: int = 4, num_neurons: int = 4) -> list[str]:
-  """Every figure of a run as PNG files in `out` (default <workdir>/figures); returns the paths."""
+                  num_images: int = 4, num_neurons: int = 4) -> Written:
+  """Every figure of a run as PNG files in `out` (default <workdir>/figures).
+
+  Returns the paths written, with `.skipped` {path: reason} of those not made, each also
+  reported on one stderr line. An explicit `data_dir` without a converted dataset is an error;
+  the config's own data_dir missing only skips the figures that need data.
+  """
   from v1t_jax import dataset_meta, predict
 
   out = out or os.path.join(workdir, "figures")
   predictor = predict.Predictor.from_workdir(workdir, which=which, step=step)
+  explicit = bool(data_dir)
   data_dir = data_dir or predictor.config.data.data_dir
-  mice = None
+  mice, skipped = None, {}
   if data_dir and dataset_meta.available_mice(data_dir):
     mice = dataset_mice(predictor, data_dir)
+  elif explicit:
+    raise FileNotFoundError(f"--data_dir {data_dir}: no converted dataset there (the rollout "
+                            "and response figures need one)")
   else:
-    print(f"figures: no converted dataset in {data_dir!r}; only readout positions and curves "
-          "(pass --data_dir for rollout and response figures)")
+    reason = (f"no converted dataset in the run's data_dir {data_dir!r} (pass --data_dir)")
+    for name in predictor.mice:
+      for kind in ("rollout", "responses"):
+        skipped[f"{kind}/{name}"] = reason
   figs = model_figures(predictor, mice, tier=tier, num_images=num_images,
-                       num_neurons=num_neurons)
+                       num_neurons=num_neurons, skipped=skipped)
   curves = read_scalars(workdir)
   if curves:
     figs["training_curves"] = plot_training_curves(curves, f"Training curves, {workdir}")
   else:
-    print(f"figures: no TensorBoard scalars in {workdir}; no training curves")
-  return [save_png(fig, os.path.join(out, name.replace("/", "_") + ".png"))
-          for name, fig in figs.items()]
+    skipped["training_curves"] = f"no TensorBoard scalars in {workdir}"
+  skipped = {_png(out, name): reason for name, reason in skipped.items()}
+  for path, reason in skipped.items():
+    print(f"figures: skipped {path}: {reason}", file=sys.stderr)
+  paths = [save_png(fig, _png(out, name)) for name, fig in figs.items()]
+  return Written(paths, skipped)
 
 
 def main(argv: Sequence[str] | None = None) -> list[str]:
@@ -484,6 +608,9 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
                         num_neurons=args.num_neurons)
   for p in paths:
     print(p)
+  if paths.skipped:
+    print(f"figures: wrote {len(paths)} PNGs, skipped {len(paths.skipped)} (reasons above)",
+          file=sys.stderr)
   return paths
 
 

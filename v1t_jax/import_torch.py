@@ -461,11 +461,108 @@ def _torch_to_numpy(value, key: str, path: str) -> np.ndarray:
   return value.numpy()
 
 
+def _original_safe_globals(torch) -> tuple[list, list[str]]:
+  """(allow-list, names this torch cannot allow): what the original's checkpoints pickle.
+
+  train.py saves Scheduler.state_dict() (src/v1t/utils/scheduler.py) under `scheduler`: its
+  GradScaler (a defaultdict of `_refresh_per_optimizer_state` inside), `args.device` (a
+  torch.device) and NumPy scalars (the best validation correlation). Entries are objects or
+  (object, "module.name") pairs for names older torch / NumPy versions pickled (torch >= 2.6).
+  """
+  import collections
+  import importlib
+  names = {}   # the name a file pickles -> the object
+  for obj in [collections.defaultdict, torch.device, np.dtype] + [
+      type(np.dtype(t)) for t in ("f2", "f4", "f8", "i4", "i8", "u1", "?")]:
+    names[f"{obj.__module__}.{obj.__qualname__}"] = obj
+  for module in ("torch.amp.grad_scaler", "torch.cuda.amp.grad_scaler"):
+    try:
+      mod = importlib.import_module(module)
+    except ImportError:
+      continue
+    for name in ("GradScaler", "_refresh_per_optimizer_state", "OptState"):
+      if hasattr(mod, name):
+        obj = getattr(mod, name)
+        names.setdefault(f"{obj.__module__}.{obj.__qualname__}", obj)
+        names.setdefault(f"{module}.{name}", obj)
+  # torch < 2.3 defined the scaler's helpers in torch.cuda.amp; newer torch moved them.
+  for name in ("GradScaler", "_refresh_per_optimizer_state", "OptState"):
+    if f"torch.amp.grad_scaler.{name}" in names:
+      obj = names[f"torch.amp.grad_scaler.{name}"]
+      names.setdefault(f"torch.cuda.amp.grad_scaler.{name}", obj)
+  for module in ("numpy._core.multiarray", "numpy.core.multiarray"):   # NumPy 2 / 1
+    try:
+      scalar = importlib.import_module(module).scalar
+    except (ImportError, AttributeError):
+      continue
+    for alias in ("numpy._core.multiarray.scalar", "numpy.core.multiarray.scalar"):
+      names.setdefault(alias, scalar)
+  named = _torch_version(torch) >= (2, 6)   # (object, name) pairs need torch >= 2.6
+  allowed, missing = [], []
+  for name, obj in names.items():
+    if f"{obj.__module__}.{obj.__qualname__}" == name:
+      allowed.append(obj)
+    elif named:
+      allowed.append((obj, name))
+    else:
+      missing.append(name)
+  return allowed, missing
+
+
+def _torch_version(torch) -> tuple[int, int]:
+  try:
+    return tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+  except ValueError:
+    return (0, 0)
+
+
+def _refused_type(error: Exception) -> str | None:
+  """The global torch's weights-only unpickler refused, from its error message."""
+  import re
+  found = re.search(r"(?:GLOBAL|Unsupported class) ([\w.]+)", str(error))   # torch >= 2.4 / older
+  return found.group(1) if found else None
+
+
+def _load_weights_only(torch, path: str):
+  """torch.load(weights_only=True) with the original's few pickled types allowed (no code runs)."""
+  serialization = torch.serialization
+  allowed, missing = _original_safe_globals(torch)
+  try:
+    if hasattr(serialization, "safe_globals"):   # torch >= 2.5
+      with serialization.safe_globals(allowed):
+        return torch.load(path, map_location="cpu", weights_only=True)
+    if hasattr(serialization, "add_safe_globals"):   # torch 2.4: global list, restored after
+      before = serialization.get_safe_globals()
+      serialization.add_safe_globals(allowed)
+      try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+      finally:
+        serialization.clear_safe_globals()
+        serialization.add_safe_globals(before)
+    return torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:
+    refused = _refused_type(e)
+    if refused is None:
+      raise ValueError(f"{path}: torch.load(weights_only=True) refused it ({e}); if you trust "
+                       "the file, pass --trust_pickle") from e
+    old = ""
+    if not hasattr(serialization, "add_safe_globals"):
+      old = (f"; torch {torch.__version__} cannot allow the original's checkpoint types (the "
+             "GradScaler, torch.device, NumPy scalars), torch >= 2.4 can")
+    elif refused in missing:
+      old = f"; torch {torch.__version__} cannot allow it under that old name, torch >= 2.6 can"
+    raise ValueError(f"{path}: expected tensors and the original V1T's checkpoint types only, but "
+                     f"it pickles {refused}, which weights_only loading refuses{old}; if you "
+                     "trust the file, pass --trust_pickle (unpickling can run arbitrary code)"
+                     ) from e
+
+
 def load_state_dict_file(path: str, *, trust_pickle: bool = False) -> tuple[dict, dict]:
   """(state_dict of NumPy arrays, info) from .pt/.pth/.bin/.ckpt (torch), .npz or .safetensors.
 
-  torch files are read with `weights_only=True` (no code runs); a checkpoint that needs more
-  (pickled Python objects beside the weights) is only read with trust_pickle=True.
+  torch files are read with `weights_only=True` (no code runs), allowing only the few objects the
+  original's train.py pickles beside the weights (`_original_safe_globals`); a file with any
+  other pickled object is only read with trust_pickle=True.
   """
   if path.endswith(".npz"):
     with np.load(path, allow_pickle=False) as z:
@@ -484,13 +581,10 @@ def load_state_dict_file(path: str, *, trust_pickle: bool = False) -> tuple[dict
   except ImportError as e:
     raise ImportError(f"{path}: reading a PyTorch checkpoint needs torch: "
                       "pip install -e '.[torch]' (or save the state_dict as .npz elsewhere)") from e
-  try:
-    obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-  except Exception as e:
-    if trust_pickle:
-      raise
-    raise ValueError(f"{path}: torch.load(weights_only=True) refused it ({e}); if you trust the "
-                     "file, pass --trust_pickle") from e
+  if trust_pickle:
+    obj = torch.load(path, map_location="cpu", weights_only=False)
+  else:
+    obj = _load_weights_only(torch, path)
   state_dict, info = _unwrap(obj, path)
   return {k: _torch_to_numpy(v, k, path) for k, v in state_dict.items()}, info
 
@@ -742,7 +836,8 @@ def define_flags():
   flags.DEFINE_string("workdir", None, "run directory to write (import) or read (--export)",
                       required=True)
   flags.DEFINE_bool("trust_pickle", False,
-                    "let torch.load unpickle arbitrary objects (trusted files only)")
+                    "let torch.load unpickle arbitrary objects (trusted files only); the "
+                    "original's own checkpoints load without it (torch >= 2.4)")
   flags.DEFINE_bool("skip_source_grid_check", False, "load readouts even if their source grids "
                     "disagree with the data's cell coordinates")
   flags.DEFINE_bool("export", False, "write the workdir's best checkpoint to --checkpoint")

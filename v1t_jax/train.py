@@ -472,16 +472,6 @@ def _one_line(error: BaseException) -> str:
 STEP_FIELDS = ("data.batch_size", "data.limit_data", "train.max_steps_per_epoch")
 
 
-def _flat_json(tree: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flat_json(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
 def _changes(changed: dict, keys=None) -> str:
   return ", ".join(f"{k} {changed[k][0]!r} -> {changed[k][1]!r}" for k in keys or changed)
 
@@ -496,7 +486,7 @@ def resume_changes(meta: dict, config, where) -> dict:
   saved = meta.get("run", {}).get("config")
   if not saved:
     return {}
-  saved, now = _flat_json(saved), _flat_json(json.loads(config.to_json_best_effort()))
+  saved, now = _flat(saved), _flat(json.loads(config.to_json_best_effort()))
   missing = "(none)"
   changed = {k: (saved.get(k, missing), now.get(k, missing))
              for k in sorted(set(saved) | set(now)) if saved.get(k, missing) != now.get(k, missing)}

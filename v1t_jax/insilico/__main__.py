@@ -239,8 +239,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 def _recovery(args, predictor, record, subject, population, truth_path, zip_path, pupil,
               behavior, results, out_dir, say) -> dict:
-  from v1t_jax.figures import save_png
   from v1t_jax import insilico as ex
+  from v1t_jax import metrics
+  from v1t_jax.figures import save_png
   from v1t_jax.insilico import figures as fig_lib
   from v1t_jax.insilico import truth as truth_lib
 
@@ -248,7 +249,7 @@ def _recovery(args, predictor, record, subject, population, truth_path, zip_path
   test = truth_lib.read_tier(zip_path, truth_path, "test")
   pred = predictor.predict(record.name, test["images"], test["behavior"], test["pupil_center"],
                            batch_size=args.batch_size)
-  corr = truth_lib.per_neuron_correlation(pred, test["responses"])
+  corr = metrics.correlation_reference(pred, test["responses"])   # the evaluator's formula
   measured = results["rf"]["neurons"]
   selected = measured[corr[measured] >= np.median(corr[measured])]
   props = truth_lib.true_properties(population, pupil)

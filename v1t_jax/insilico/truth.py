@@ -124,14 +124,6 @@ def read_tier(zip_path: str, truth_path: str, tier: str = "test") -> dict:
   return out
 
 
-def per_neuron_correlation(a_TxN: np.ndarray, b_TxN: np.ndarray) -> np.ndarray:
-  a = np.asarray(a_TxN, np.float64)
-  b = np.asarray(b_TxN, np.float64)
-  za = (a - a.mean(0)) / (a.std(0) + 1e-8)
-  zb = (b - b.mean(0)) / (b.std(0) + 1e-8)
-  return (za * zb).mean(0)
-
-
 def orientation_error_deg(a: np.ndarray, b: np.ndarray) -> np.ndarray:
   """|a - b| modulo 180 degrees, in [0, 90]."""
   d = np.mod(np.asarray(a) - np.asarray(b) + np.pi / 2, np.pi) - np.pi / 2

@@ -61,10 +61,10 @@ def model_config() -> ml_collections.ConfigDict:
   m.ds_scale = True                    # scale each mouse's loss by sqrt(N_train / batch)
   # Accelerator path.
   m.compute_dtype = "float32"          # "bfloat16": bf16 matmul operands, float32 accumulation
-  # "fused": jax.nn.dot_product_attention (cuDNN's flash kernel on GPU with bfloat16; the fast
-  # inference setting there, docs/benchmarks.md); falls back to "reference" while attention
-  # dropout is active (training with t_dropout > 0) or when attention probabilities are requested.
-  m.attention = "reference"
+  # "explicit": softmax attention as written in model_spec.md §3.2. "fused": flash attention, our
+  # Pallas kernel with dropout inside when training on a GPU, else cuDNN / XLA (no dropout: an
+  # error while training with t_dropout > 0 off GPU). Same model either way.
+  m.attention = "explicit"
   return m
 
 
@@ -84,6 +84,12 @@ def train_config() -> ml_collections.ConfigDict:
   # top of the plateau rule's factor. For short runs that end by max epochs (the demo).
   t.lr_decay_epochs = 0
   t.pretrain_core = ""                 # run dir whose best core is loaded and frozen; "" = train it
+  # Activation memory (same results; docs/benchmarks.md): what each ViT block keeps for the
+  # backward pass, "none" (everything), "attention" (probabilities and dropout masks) or "block"
+  # (nothing, all recomputed); and the number of slices each step's batch is split into for
+  # gradient accumulation (must divide data.batch_size).
+  t.remat = "none"
+  t.microbatches = 4
   t.checkpoint_every_steps = 1000      # latest-state checkpoints within an epoch (0 = epoch ends)
   t.log_every_steps = 50
   t.max_steps_per_epoch = ml_collections.config_dict.placeholder(int)  # cap (smoke tests)

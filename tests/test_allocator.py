@@ -5,8 +5,6 @@ import sys
 
 import pytest
 
-from v1t_jax import allocator
-
 PROGRAM = """
 import resource, sys
 import numpy as np
@@ -33,7 +31,3 @@ def test_freed_memory_is_reused_instead_of_faulted_in_again():
   # 20 x 64 MiB = 327,680 fresh 4 KiB pages with glibc's defaults; about one pass with the
   # settings (the first allocation), whatever the page size.
   assert default > 5 * kept, (default, kept)
-
-
-def test_returns_a_bool():
-  assert isinstance(allocator.keep_freed_memory(), bool)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from image_reference import grid_sample_crop_then_resize
 
 from configs import default
 from v1t_jax import image_stage
@@ -61,7 +62,7 @@ def test_config_defaults_match_configs_default():
     ("shift_mode", 4, r"image shifter .* out of scope"),
     ("patch_mode", 2, r"not ported"),
     ("compute_dtype", "float16", r"compute_dtype must be one of \('float32', 'bfloat16'\)"),
-    ("attention", "flash", r"attention must be one of \('reference', 'fused'\)"),
+    ("attention", "flash", r"attention must be one of \('explicit', 'fused'\)"),
 ])
 def test_invalid_modes_raise_value_error_listing_allowed_values(field, value, message):
   with pytest.raises(ValueError, match=message):
@@ -113,8 +114,10 @@ def test_crop_resize_equals_block_mean():
   expected = image_stage.block_mean_reference(images.transpose(0, 3, 1, 2)).transpose(0, 2, 3, 1)
   assert out.shape == (2, 36, 64, 3)
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
-  cropped = v1t_model.crop_resize(jnp.asarray(images[:1]), center_crop=0.5, out_hw=None)
-  np.testing.assert_array_equal(cropped.shape, (1, 72, 128, 3))
+  for center_crop, out_hw in ((0.5, None), (0.8, (36, 64)), (0.63, (50, 70))):
+    got = v1t_model.crop_resize(jnp.asarray(images[:1]), center_crop=center_crop, out_hw=out_hw)
+    expected = grid_sample_crop_then_resize(images[0].transpose(2, 0, 1), center_crop, out_hw)
+    np.testing.assert_allclose(got[0], expected.transpose(1, 2, 0), rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

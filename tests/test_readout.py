@@ -6,9 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from v1t_jax import readout, vit
-
-
+from v1t_jax import layers, readout
 
 
 def numpy_grid_sample(feat_bhwc, grid_bn2):
@@ -125,7 +123,7 @@ def test_vmapped_readouts_equal_loop_over_mice(train):
   feat = jax.random.normal(jax.random.key(0), (2, 3, 4, 3, 8))  # the tiny core's map
   shift = 0.1 * jax.random.normal(jax.random.key(1), (2, 3, 2))
   keys = jax.random.split(jax.random.key(2), 2) if train else None
-  stacked = nnx.jit(vit.apply_per_mouse)(readouts, feat, shift, keys)
+  stacked = nnx.jit(layers.apply_per_mouse)(readouts, feat, shift, keys)
   assert stacked.shape == (2, 3, 5)
   one_mouse = nnx.jit(lambda mouse, *args: mouse(*args))
   for m in range(2):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import synthetic
-from v1t_jax import input_pipeline, train
+from v1t_jax import figures, input_pipeline, train
 
 
 def tiny_config(data_dir, **train_overrides):
@@ -121,6 +121,35 @@ def test_multi_device_step_equals_single_device(tiny_data_dir):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_microbatched_gradients_equal_whole_batch_gradients(tiny_data_dir):
+  """Gradient accumulation over 2 slices = one whole-batch gradient (a deterministic objective:
+  no dropout, readout sigma 0), ds_scale counted over the whole batch's real trials."""
+  from flax import nnx
+
+  from v1t_jax import losses
+  config = tiny_config(tiny_data_dir)
+  config.model.update(p_dropout=0.0, t_dropout=0.0, init_sigma=0.0)
+  mice = train.dataset_meta.resolve_mice(config.data.data_dir)
+  batch = next(iter(input_pipeline.as_numpy(input_pipeline.train_dataset(mice, config.data))))
+  batch["valid"][1, -1] = False   # a padded trial: ds_scale must count the step's real trials
+  batch = {k: jax.numpy.asarray(v) for k, v in batch.items()}
+  model = train.build_model(config, mice, (36, 64, 1), 0)
+  n_train = (100.0, 200.0, 300.0)
+  (total, aux), expected = jax.jit(nnx.value_and_grad(
+      lambda m: losses.objective(m, batch, n_train, train=True, key=jax.random.key(0)),
+      has_aux=True))(model)
+  grads, poisson, reg = jax.jit(train.accumulated_grads, static_argnums=(3, 4))(
+      model, batch, jax.random.key(0), n_train, 2)
+  np.testing.assert_allclose(poisson, aux["poisson"], rtol=1e-5)
+  np.testing.assert_allclose(reg, aux["reg"], rtol=1e-6)
+  flat = jax.tree_util.tree_leaves_with_path(grads)
+  for (path, a), b in zip(flat, leaves(expected)):
+    if "sigma" not in jax.tree_util.keystr(path):   # d/dsigma = z dL/dposition: z is random
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
+  with pytest.raises(ValueError, match="microbatches=3 must divide the batch size 4"):
+    train.accumulated_grads(model, batch, jax.random.key(0), n_train, 3)
+
+
 def test_group_learning_rates():
   config = synthetic.get_config("tiny").train
   assert train.group_lrs(config) == {"lr": config.lr, "core_lr": config.lr}
@@ -155,6 +184,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_data_dir, tmp_pat
   uninterrupted, _ = train.restore(latest, trainer, 6)
   uninterrupted = leaves(uninterrupted)
   latest.close(), best.close()
+  logged = {tag: figures.read_scalars(workdir)[tag] for tag in ("train/loss", "train/poisson")}
   # "Kill" the run after step 5, in the middle of epoch 2, and run the same command again.
   shutil.rmtree(os.path.join(workdir, "checkpoints", "6"))
   train.train_and_evaluate(config, workdir)
@@ -164,6 +194,12 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_data_dir, tmp_pat
   for a, b in zip(uninterrupted, leaves(resumed)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
   latest.close(), best.close()
+  # The resumed epoch logs the mean over its 3 steps (2 of them before the "kill"), not over the
+  # one step it ran itself.
+  for tag, (steps, values) in logged.items():
+    again = figures.read_scalars(workdir)[tag]
+    np.testing.assert_array_equal(again[0], steps)
+    np.testing.assert_allclose(again[1], values, rtol=1e-6)
 
 
 def test_challenge_metrics_and_oracle(tiny_zips, tiny_data_dir, tmp_path):

@@ -1,4 +1,7 @@
-"""ViT core: patch geometry, unfold order vs conv, attention maths, init, parameter counts."""
+"""ViT core: patch geometry, unfold order vs conv, the core against a NumPy implementation of
+model_spec.md §3 (evaluation and training mode), remat policies, init, parameter counts."""
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -6,16 +9,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from v1t_jax import vit
-
-
+from v1t_jax import layers, vit
 
 
 def tiny_core(**overrides):
   kwargs = dict(
       patch_size=4, patch_stride=4, patch_mode=0, emb_dim=8, num_heads=2, num_blocks=2,
       mlp_dim=16, p_dropout=0.1, t_dropout=0.1, drop_path=0.0, use_lsa=False,
-      disable_bias=False, behavior_dim=5, bmlp_mice=None, attention="reference",
+      disable_bias=False, behavior_dim=5, bmlp_mice=None, attention="explicit",
       compute_dtype="float32")
   kwargs.update(overrides)
   return vit.ViTCore((12, 16, 1), rngs=nnx.Rngs(0), **kwargs)
@@ -27,7 +28,7 @@ def default_core(behavior_dim=5, bmlp_mice=None, channels=1):
       (36, 64, channels), patch_size=8, patch_stride=1, patch_mode=0, emb_dim=155, num_heads=4,
       num_blocks=4, mlp_dim=488, p_dropout=0.0229, t_dropout=0.2544, drop_path=0.0,
       use_lsa=False, disable_bias=False, behavior_dim=behavior_dim, bmlp_mice=bmlp_mice,
-      attention="reference", compute_dtype="float32", rngs=nnx.Rngs(0)))
+      attention="explicit", compute_dtype="float32", rngs=nnx.Rngs(0)))
 
 
 def num_params(module):
@@ -98,57 +99,189 @@ def test_transformer_init():
   assert block.mlp.layer_norm.epsilon == 1e-5
 
 
-def numpy_attention(t, ln_scale, ln_bias, w_qkv, w_out, b_out, heads, lsa_scale=None):
-  """model_spec.md §3.2 written out per head: head width D, head-major (h d) layout."""
-  mean = t.mean(-1, keepdims=True)
-  var = ((t - mean) ** 2).mean(-1, keepdims=True)
-  u = (t - mean) / np.sqrt(var + 1e-5) * ln_scale + ln_bias
-  qkv = u @ w_qkv
+def _layer_norm(x, scale, bias):
+  mean = x.mean(-1, keepdims=True)
+  var = ((x - mean) ** 2).mean(-1, keepdims=True)
+  return (x - mean) / np.sqrt(var + 1e-5) * scale + bias
+
+
+_erf = np.vectorize(math.erf)
+
+
+def numpy_core(p, images, behavior, masks, *, heads, patch, lsa_scales=None, rate=0.0,
+               path_rate=0.0):
+  """model_spec.md §3 in NumPy (float64), one head and one patch at a time.
+
+  p: the core's parameters as nested dicts of arrays. masks: the training-mode keep masks in the
+  order the spec applies them (embedding; per block: attention probabilities, attention output,
+  drop path, MLP hidden, MLP output, drop path), or None for evaluation.
+  """
+  take = (lambda shape: masks.pop(0)) if masks is not None else None
+
+  def drop(x, r):
+    if take is None or r == 0.0:
+      return x
+    keep = take(x.shape)
+    assert keep.shape == x.shape, (keep.shape, x.shape)
+    return np.where(keep, x / (1.0 - r), 0.0)
+
+  def drop_path(x):
+    if take is None or path_rate == 0.0:
+      return x
+    keep = take(None).reshape(-1, 1, 1)
+    return np.where(keep, x / (1.0 - path_rate), 0.0)
+
+  n, height, width, _ = images.shape
+  rows, cols = (height - patch) // patch + 1, (width - patch) // patch + 1
+  patches = np.stack([images[:, r * patch:(r + 1) * patch, c * patch:(c + 1) * patch, :]
+                      .transpose(0, 3, 1, 2).reshape(n, -1)
+                      for r in range(rows) for c in range(cols)], axis=1)  # c*P*P + ki*P + kj
+  emb = p["patch_embedding"]
+  tokens = patches @ emb["projection"]["kernel"] + emb["projection"]["bias"]
+  t = np.concatenate([np.broadcast_to(emb["cls_token"], (n, 1, tokens.shape[-1])), tokens], 1)
+  t = drop(t + emb["pos_embedding"], rate)
   dim = t.shape[-1]
-  inner = heads * dim
-  outs = []
-  for h in range(heads):
-    q, k, v = (qkv[..., j * inner + h * dim: j * inner + (h + 1) * dim] for j in range(3))
-    logits = q @ np.swapaxes(k, -1, -2)
-    logits = logits * (dim ** -0.5 if lsa_scale is None else lsa_scale[h])
-    if lsa_scale is not None:
-      logits = np.where(np.eye(t.shape[1], dtype=bool), -np.finfo(np.float32).max, logits)
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    outs.append(probs / probs.sum(-1, keepdims=True) @ v)
-  return np.concatenate(outs, -1) @ w_out + b_out
+  all_probs = []
+  for b, block in sorted(p["blocks"].items()):
+    bm = block["bmlp"]
+    t = t + np.tanh(np.tanh(behavior @ bm["fc1"]["kernel"] + bm["fc1"]["bias"])
+                    @ bm["fc2"]["kernel"] + bm["fc2"]["bias"])[:, None, :]
+    a = block["mha"]
+    qkv = _layer_norm(t, a["layer_norm"]["scale"], a["layer_norm"]["bias"]) @ a["to_qkv"]["kernel"]
+    q_all, k_all, v_all = np.split(qkv, 3, -1)
+    probs = []
+    for h in range(heads):
+      q, k = (x[..., h * dim:(h + 1) * dim] for x in (q_all, k_all))
+      logits = q @ np.swapaxes(k, -1, -2) * (dim**-0.5 if lsa_scales is None else lsa_scales[b][h])
+      if lsa_scales is not None:
+        logits = np.where(np.eye(t.shape[1], dtype=bool), -np.finfo(np.float32).max, logits)
+      e = np.exp(logits - logits.max(-1, keepdims=True))
+      probs.append(e / e.sum(-1, keepdims=True))
+    probs = np.stack(probs, 1)  # [N, H, T, T]
+    all_probs.append(probs)
+    dropped = drop(probs, rate)
+    o = np.concatenate([dropped[:, h] @ v_all[..., h * dim:(h + 1) * dim] for h in range(heads)], -1)
+    t = t + drop_path(drop(o @ a["projection"]["kernel"] + a["projection"]["bias"], rate))
+    m = block["mlp"]
+    hidden = _layer_norm(t, m["layer_norm"]["scale"], m["layer_norm"]["bias"])
+    hidden = hidden @ m["fc1"]["kernel"] + m["fc1"]["bias"]
+    hidden = drop(0.5 * hidden * (1.0 + _erf(hidden / np.sqrt(2.0))), rate)
+    t = t + drop_path(drop(hidden @ m["fc2"]["kernel"] + m["fc2"]["bias"], rate))
+  assert masks is None or not masks, f"{len(masks)} masks left unused"
+  h, w = vit.find_shape(rows * cols)
+  return t[:, 1:].reshape(n, h, w, dim), np.stack(all_probs, 1)
+
+
+def core_params(core):
+  state = nnx.state(core, nnx.Param)
+  return jax.tree.map(lambda x: np.asarray(x, np.float64), nnx.to_pure_dict(state))
+
+
+@pytest.fixture
+def recorded_masks(monkeypatch):
+  """Every keep mask jax.random.bernoulli draws (eagerly), in the order they are drawn."""
+  masks, draw = [], jax.random.bernoulli
+
+  def recording(key, p, shape):
+    keep = draw(key, p, shape)
+    masks.append(np.asarray(keep))
+    return keep
+
+  monkeypatch.setattr(jax.random, "bernoulli", recording)
+  return masks
 
 
 @pytest.mark.parametrize("use_lsa", [False, True])
-@pytest.mark.parametrize("fused", [False, True])
-def test_attention_matches_numpy_reference(use_lsa, fused):
-  dim, heads = 6, 3
-  attn = vit.Attention(dim, heads, t_dropout=0.5, use_lsa=use_lsa, use_bias=True, fused=fused,
-                       compute_dtype="float32", rngs=nnx.Rngs(2))
-  rng = np.random.default_rng(0)
-  attn.layer_norm.scale[...] = rng.normal(size=dim).astype(np.float32)
-  attn.projection.bias[...] = rng.normal(size=dim).astype(np.float32)
-  lsa_scale = None
+def test_core_equals_numpy_spec_in_evaluation(use_lsa):
+  core = tiny_core(use_lsa=use_lsa)
+  lsa = None
   if use_lsa:
-    np.testing.assert_allclose(attn.scale[...], dim ** -0.5)
-    attn.scale[...] = lsa_scale = np.array([0.3, 0.5, 0.9], np.float32)
-  t = rng.normal(size=(2, 5, dim)).astype(np.float32)
+    lsa = {}
+    for b, block in enumerate(core.blocks):
+      np.testing.assert_allclose(block.mha.scale[...], 8**-0.5)
+      block.mha.scale[...] = lsa[b] = np.array([0.3, 0.9], np.float32) * (b + 1)
+  rng = np.random.default_rng(0)
+  for block in core.blocks:  # non-trivial LayerNorm affine and biases
+    block.mha.layer_norm.scale[...] = rng.normal(size=8).astype(np.float32)
+    block.mha.projection.bias[...] = rng.normal(size=8).astype(np.float32)
+  images = rng.normal(size=(1, 3, 12, 16, 1)).astype(np.float32)
+  behavior = rng.normal(size=(1, 3, 5)).astype(np.float32)
   with jax.default_matmul_precision("float32"):
-    out, probs = attn(jnp.asarray(t), key=None, return_attention=False)
-    expected = numpy_attention(
-        t, np.asarray(attn.layer_norm.scale[...]), np.asarray(attn.layer_norm.bias[...]),
-        np.asarray(attn.to_qkv.kernel[...]), np.asarray(attn.projection.kernel[...]),
-        np.asarray(attn.projection.bias[...]), heads, lsa_scale)
-  assert probs is None
-  np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+    feat, probs = core(jnp.asarray(images), jnp.asarray(behavior), key=None, return_attention=True)
+  expected, expected_probs = numpy_core(core_params(core), images[0], behavior[0], None,
+                                        heads=2, patch=4, lsa_scales=lsa)
+  np.testing.assert_allclose(feat[0], expected, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(probs[0], expected_probs, rtol=1e-4, atol=1e-6)
 
 
-def test_fused_attention_falls_back_when_probabilities_drop_out():
+@pytest.mark.parametrize("path_rate", [0.0, 0.4])
+def test_core_equals_numpy_spec_in_training_given_the_masks(recorded_masks, path_rate):
+  """Dropout positions and scaling (embedding, probabilities, attention output, MLP hidden and
+  output) and drop path, with the masks the core drew fed to the NumPy spec in the spec's order."""
+  core = tiny_core(p_dropout=0.3, t_dropout=0.3, drop_path=path_rate)
+  rng = np.random.default_rng(1)
+  images = rng.normal(size=(1, 4, 12, 16, 1)).astype(np.float32)
+  behavior = rng.normal(size=(1, 4, 5)).astype(np.float32)
+  with jax.default_matmul_precision("float32"):
+    feat, _ = core(jnp.asarray(images), jnp.asarray(behavior), key=jax.random.key(3))
+  # The embedding mask uses p_dropout, the rest t_dropout: give them equal rates here.
+  masks = list(recorded_masks)
+  assert len(masks) == 1 + 2 * (4 + 2 * (path_rate > 0))
+  expected, _ = numpy_core(core_params(core), images[0], behavior[0], masks, heads=2, patch=4,
+                           rate=0.3, path_rate=path_rate)
+  np.testing.assert_allclose(feat[0], expected, rtol=1e-4, atol=1e-5)
+  evaluation, _ = numpy_core(core_params(core), images[0], behavior[0], None, heads=2, patch=4)
+  assert not np.allclose(feat[0], evaluation, atol=1e-3)  # the masks mattered
+
+
+def test_dropout_masks_are_independent_per_example_and_head(recorded_masks):
+  """PyTorch semantics: no mask is shared (broadcast) across examples or heads."""
+  attn = vit.Attention(8, 2, t_dropout=0.5, use_lsa=False, use_bias=True, fused=False,
+                       compute_dtype="float32", rngs=nnx.Rngs(0))
+  attn(jax.random.normal(jax.random.key(0), (6, 9, 8)), key=jax.random.key(1))
+  probs_mask = recorded_masks[0]
+  assert probs_mask.shape == (6, 2, 9, 9)
+  flat = probs_mask.reshape(12, -1)
+  assert len({row.tobytes() for row in flat}) == 12
+  assert 0.4 < probs_mask.mean() < 0.6
+
+
+def test_remat_policies_change_memory_not_results():
+  """Same values and gradients under every train.remat policy; what autodiff keeps between the
+  forward and the backward pass (the VJP's residuals) shrinks from none to attention to block."""
+  images = jax.random.normal(jax.random.key(0), (1, 6, 12, 16, 1))
+  behavior = jax.random.normal(jax.random.key(1), (1, 6, 5))
+  results, saved_bytes = {}, {}
+  for remat in vit.REMAT_POLICIES:
+    graphdef, params, rest = nnx.split(tiny_core(remat=remat, patch_stride=2), nnx.Param, ...)
+
+    def loss(params, graphdef=graphdef, rest=rest):
+      feat, _ = nnx.merge(graphdef, params, rest)(images, behavior, key=jax.random.key(2))
+      return jnp.sum(feat**2)
+
+    value, vjp = jax.vjp(loss, params)
+    results[remat] = (value, vjp(jnp.ones(()))[0])
+    saved_bytes[remat] = sum(x.nbytes for x in jax.tree.leaves(vjp))
+  for remat in ("attention", "block"):
+    chex_tree_close(results[remat], results["none"])
+  assert saved_bytes["block"] < saved_bytes["attention"] < saved_bytes["none"], saved_bytes
+
+
+def chex_tree_close(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_attention_equals_explicit_without_dropout_and_refuses_dropout_off_gpu():
   kwargs = dict(t_dropout=0.5, use_lsa=False, use_bias=True, compute_dtype="float32")
   fused = vit.Attention(6, 2, fused=True, rngs=nnx.Rngs(0), **kwargs)
-  reference = vit.Attention(6, 2, fused=False, rngs=nnx.Rngs(0), **kwargs)
+  explicit = vit.Attention(6, 2, fused=False, rngs=nnx.Rngs(0), **kwargs)
   t = jax.random.normal(jax.random.key(0), (2, 5, 6))
-  key = jax.random.key(1)
-  np.testing.assert_array_equal(fused(t, key=key)[0], reference(t, key=key)[0])
+  with jax.default_matmul_precision("float32"):
+    np.testing.assert_allclose(fused(t, key=None)[0], explicit(t, key=None)[0], rtol=1e-5,
+                               atol=1e-6)
+  with pytest.raises(ValueError, match="needs the Pallas GPU kernel.*model.attention='explicit'"):
+    fused(t, key=jax.random.key(1))
 
 
 def test_attention_probabilities_and_lsa_diagonal():
@@ -163,10 +296,10 @@ def test_attention_probabilities_and_lsa_diagonal():
 
 def test_dropout_and_drop_path():
   x = jnp.ones((64, 4, 8))
-  assert vit.dropout(x, 0.5, None) is x
-  y = np.asarray(vit.dropout(x, 0.25, jax.random.key(0)))
+  assert layers.dropout(x, 0.5, None) is x
+  y = np.asarray(layers.dropout(x, 0.25, jax.random.key(0)))
   assert set(np.unique(y)) == {0.0, np.float32(1.0 / 0.75)}
-  z = np.asarray(vit.drop_path(x, 0.5, jax.random.key(0)))
+  z = np.asarray(layers.drop_path(x, 0.5, jax.random.key(0)))
   per_sample = z.reshape(64, -1)
   assert np.all((per_sample == 0.0).all(1) | (per_sample == 2.0).all(1))  # whole samples
   assert 0 < (per_sample == 0.0).all(1).sum() < 64
@@ -194,9 +327,9 @@ def test_core_shapes_batch_order_and_train_randomness():
 
 def test_per_mouse_bmlp_equals_loop_over_mice():
   make = lambda *, rngs: vit.BehaviorMLP(5, 8, use_bias=True, compute_dtype="float32", rngs=rngs)
-  bmlps = vit.stack_per_mouse(make, 3, nnx.Rngs(0))
+  bmlps = layers.stack_per_mouse(make, 3, nnx.Rngs(0))
   behavior = jax.random.normal(jax.random.key(0), (3, 4, 5))
-  stacked = vit.apply_per_mouse(bmlps, behavior)
+  stacked = layers.apply_per_mouse(bmlps, behavior)
   graphdef, state = nnx.split(bmlps)
   for m in range(3):
     mouse = nnx.merge(graphdef, jax.tree.map(lambda x: x[m], state))

@@ -335,8 +335,10 @@ def _xla_memory_gib(compiled) -> dict:
           for name in ("argument", "output", "temp") if hasattr(m, f"{name}_size_in_bytes")}
 
 
-def measure(what: str, trainer, batch: dict, *, iters: int, warmup: int, seed: int) -> dict:
-  """Compiles and times one of the Trainer's jitted steps; returns the raw figures."""
+def measure(what: str, trainer, batch: dict, *, iters: int, warmup: int, seed: int,
+            profile_dir: str | None = None) -> dict:
+  """Compiles and times one of the Trainer's jitted steps; returns the raw figures. With
+  `profile_dir`, one more call runs under jax.profiler.trace into `profile_dir/what`."""
   import jax
   import jax.numpy as jnp
   reset = reset_peak_rss()
@@ -381,6 +383,9 @@ def measure(what: str, trainer, batch: dict, *, iters: int, warmup: int, seed: i
     times.append(time.perf_counter() - t0)
     settle()
   user1, sys1, faults1 = _cpu_times()
+  if profile_dir:
+    with jax.profiler.trace(os.path.join(profile_dir, what)):
+      jax.block_until_ready(run(warmup + iters))
   return {"times": times, "compile_s": compile_s, "xla_flops": _xla_flops(compiled),
           "xla_memory": _xla_memory_gib(compiled),
           "peak_host_gib": peak_rss_gib(), "peak_rss_reset": reset,
@@ -412,6 +417,9 @@ def parse_args(argv: Sequence[str] | None):
                  help="device peak GFLOP/s for MFU (e.g. 234: NumPy fp32 matmul on the 2-core VM)")
   p.add_argument("--n_train", type=int, default=N_TRAIN, help="train trials per mouse (ds_scale)")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--profile_dir", default=None,
+                 help="write a jax.profiler trace of one more call of each step here "
+                      "(view with TensorBoard's profile plugin or Perfetto)")
   p.add_argument("--malloc", choices=("glibc", "jemalloc", "stock"), default="glibc",
                  help="glibc: keep freed memory (v1t_jax.allocator, as launch_train.py); "
                       "jemalloc: restart with jemalloc preloaded, never purging; stock: defaults")
@@ -451,7 +459,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   examples = mice * batch_size
   results = []
   for what in [w.strip() for w in args.what.split(",") if w.strip()]:
-    raw = measure(what, trainer, batch, iters=args.iters, warmup=args.warmup, seed=args.seed)
+    raw = measure(what, trainer, batch, iters=args.iters, warmup=args.warmup, seed=args.seed,
+                  profile_dir=args.profile_dir)
     step_s = float(np.median(raw["times"]))
     factor = 3.0 if what == "train_step" else 1.0   # backward = 2x forward
     gflop = factor * flops["total"] / 1e9
@@ -487,6 +496,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         "image_hwc": list(hwc),
         "compute_dtype": model_cfg.compute_dtype,
         "attention": model_cfg.attention,
+        "remat": config.train.get("remat", "none"),
+        "profile": os.path.join(args.profile_dir, what) if args.profile_dir else None,
         "malloc": args.malloc,
         "allocator": allocator_in_use(),
         "glibc_tuned": malloc_tuned,

@@ -54,6 +54,13 @@ def regularizers(model: V1T) -> dict[str, jax.Array]:
   }
 
 
+def regularizer(model: V1T) -> jax.Array:
+  """[M] R_m: the scaled L1 terms of mouse m, the core term included in every mouse (§7)."""
+  config, reg = model.config, regularizers(model)
+  return (config.core_reg_scale * reg["core"] + config.readout_reg_scale * reg["readout"]
+          + config.shifter_reg_scale * reg["shifter"])
+
+
 def objective(
     model: V1T,
     batch: Mapping[str, jax.Array],
@@ -61,6 +68,8 @@ def objective(
     *,
     train: bool = True,
     key: jax.Array | None = None,
+    step_valid: jax.Array | None = None,
+    regularize: bool = True,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """sum_m J_m for one stacked batch, with the scales of model.config.
 
@@ -68,6 +77,9 @@ def objective(
     batch: image, behavior, pupil_center, responses [M, B, N_max], valid [M, B] (data contract).
     n_train: training-set size per mouse (also used for the validation loss, as the original).
     train, key: forwarded to the model (dropout and readout sampling when train).
+    step_valid: [M, B_step] valid flags of the whole step when `batch` is one microbatch of it
+      (ds_scale counts the step's trials); None = batch["valid"].
+    regularize: add the regularisers (a microbatched step adds them once, not per microbatch).
 
   Returns:
     (total, aux) with aux "poisson" [M] (after ds_scale, the original's logged loss), "reg" [M]
@@ -79,9 +91,7 @@ def objective(
   mask_MxBxN = valid_MxB[:, :, None] & model.neuron_mask[:, None, :]
   poisson_M = poisson_loss(pred, batch["responses"], mask_MxBxN)
   if config.ds_scale:
-    poisson_M = poisson_M * ds_scale(n_train, valid_MxB)
-  reg = regularizers(model)
-  reg_M = (config.core_reg_scale * reg["core"] + config.readout_reg_scale * reg["readout"]
-           + config.shifter_reg_scale * reg["shifter"])
+    poisson_M = poisson_M * ds_scale(n_train, valid_MxB if step_valid is None else step_valid)
+  reg_M = regularizer(model) if regularize else jnp.zeros_like(poisson_M)
   total_M = poisson_M + reg_M
   return jnp.sum(total_M), {"poisson": poisson_M, "reg": reg_M, "total": total_M, "pred": pred}

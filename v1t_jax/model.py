@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from v1t_jax import image_stage, readout, shifter, vit
+from v1t_jax import image_stage, layers, readout, shifter, vit
 
 # Behaviour features the B-MLP sees per behavior_mode (0: none, 1: image channels, no B-MLP).
 BEHAVIOR_DIMS = {0: 0, 1: 0, 2: 3, 3: 5, 4: 5}
@@ -31,8 +31,8 @@ ALLOWED = {
     "patch_mode": (0, 1),
     "bias_mode": (0, 1, 2),
     "grid_predictor_dim": (2, 3),
-    "compute_dtype": tuple(vit.COMPUTE_DTYPES),
-    "attention": ("reference", "fused"),
+    "compute_dtype": tuple(layers.COMPUTE_DTYPES),
+    "attention": ("explicit", "fused"),
 }
 # Values of the original that are deliberately not ported, with the reason given to the user.
 NOT_PORTED = {
@@ -72,9 +72,9 @@ class ModelConfig:
   shifter_reg_scale: float = 0.0
   ds_scale: bool = True
   compute_dtype: str = "float32"  # or "bfloat16": bf16 matmul operands, f32 accumulation
-  # "fused": jax.nn.dot_product_attention; the reference path still runs when attention dropout
-  # is active (training with t_dropout > 0) or probabilities are requested (see vit.Attention).
-  attention: str = "reference"
+  # "fused": flash attention (vit.Attention._fused); the explicit path runs when attention
+  # probabilities are requested.
+  attention: str = "explicit"
 
   def __post_init__(self):
     for name, allowed in ALLOWED.items():
@@ -88,6 +88,8 @@ class ModelConfig:
   def from_config(cls, config: Mapping[str, Any]) -> ModelConfig:
     """From `config.model` (a ConfigDict or a dict); unknown keys are an error."""
     values = dict(config.items())
+    if values.get("attention") == "reference":  # the explicit path's name before session 8
+      values["attention"] = "explicit"
     unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
       raise ValueError(f"unknown model config fields: {unknown}")
@@ -135,6 +137,7 @@ class V1T(nnx.Module):
       image_shape: Sequence[int] = (36, 64, 1),
       response_mean: np.ndarray | None = None,
       response_std: np.ndarray | None = None,
+      remat: str = "none",
       rngs: nnx.Rngs,
   ):
     """Args:
@@ -143,6 +146,7 @@ class V1T(nnx.Module):
       coordinates: [M, N_max, 3] cortical coordinates in µm (rows past a count are ignored).
       image_shape: (H, W, C) of the pipeline's images (before behaviour channels of mode 1).
       response_mean, response_std: [M, N_max] statistics for bias_mode 1 / 2.
+      remat: what the core's blocks keep for the backward pass (vit.REMAT_POLICIES; train.remat).
       rngs: parameter init randomness (`params` stream).
     """
     self.config = config
@@ -161,7 +165,7 @@ class V1T(nnx.Module):
         t_dropout=config.t_dropout, drop_path=config.drop_path, use_lsa=config.use_lsa,
         disable_bias=config.disable_bias, behavior_dim=config.behavior_dim,
         bmlp_mice=num_mice if config.behavior_mode == 4 else None,
-        attention=config.attention, compute_dtype=config.compute_dtype, rngs=rngs)
+        attention=config.attention, compute_dtype=config.compute_dtype, remat=remat, rngs=rngs)
     self.shifters = shifter.make_shifters(num_mice, rngs=rngs) if config.shift_mode == 2 else None
     self.readouts = readout.make_readouts(
         neuron_counts=self.neuron_counts, coordinates=np.asarray(coordinates),
@@ -206,7 +210,7 @@ class V1T(nnx.Module):
     """
     if train and key is None:
       raise ValueError("train=True needs a PRNG key")
-    core_key, readout_key = vit.split_key(key if train else None, 2)
+    core_key, readout_key = layers.split_key(key if train else None, 2)
     mice = image_MxBxHxWxC.shape[0]
     if self.config.behavior_mode == 1:  # after the resize, as in the original
       image_MxBxHxWxC = tile_behavior(image_MxBxHxWxC, behavior_MxBx3)
@@ -218,10 +222,10 @@ class V1T(nnx.Module):
     aux = {}
     shift_MxBx2 = None
     if self.shifters is not None:
-      shift_MxBx2 = vit.apply_per_mouse(self.shifters, pupil_center_MxBx2)
+      shift_MxBx2 = layers.apply_per_mouse(self.shifters, pupil_center_MxBx2)
       aux["shift"] = shift_MxBx2
     readout_keys = None if readout_key is None else jax.random.split(readout_key, mice)
-    y_MxBxN = vit.apply_per_mouse(self.readouts, feat, shift_MxBx2, readout_keys)
+    y_MxBxN = layers.apply_per_mouse(self.readouts, feat, shift_MxBx2, readout_keys)
     aux["pre_activation"] = y_MxBxN
     if attention is not None:
       aux["attention"] = attention

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from v1t_jax import vit
+from v1t_jax import layers
 
 HIDDEN = 5  # the original's MLPShifter: 2 -> 5 -> 5 -> 2
 
@@ -19,9 +19,9 @@ class CoreShifter(nnx.Module):
   """Linear(2->5), tanh, Linear(5->5), tanh, Linear(5->2), tanh; PyTorch default init, 57 params."""
 
   def __init__(self, *, rngs: nnx.Rngs):
-    self.fc1 = vit.torch_linear(2, HIDDEN, rngs=rngs)
-    self.fc2 = vit.torch_linear(HIDDEN, HIDDEN, rngs=rngs)
-    self.fc3 = vit.torch_linear(HIDDEN, 2, rngs=rngs)
+    self.fc1 = layers.torch_linear(2, HIDDEN, rngs=rngs)
+    self.fc2 = layers.torch_linear(HIDDEN, HIDDEN, rngs=rngs)
+    self.fc3 = layers.torch_linear(HIDDEN, 2, rngs=rngs)
 
   def __call__(self, pupil_center_Bx2: jax.Array) -> jax.Array:
     h = jnp.tanh(self.fc1(pupil_center_Bx2))
@@ -31,7 +31,7 @@ class CoreShifter(nnx.Module):
 
 def make_shifters(num_mice: int, *, rngs: nnx.Rngs) -> CoreShifter:
   """All mice's shifters as one CoreShifter with a leading mouse axis."""
-  return vit.stack_per_mouse(CoreShifter, num_mice, rngs)
+  return layers.stack_per_mouse(CoreShifter, num_mice, rngs)
 
 
 def shifter_l1(shifters: CoreShifter) -> jax.Array:

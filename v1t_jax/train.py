@@ -91,7 +91,7 @@ def build_model(config, mice: Sequence[dataset_meta.MouseMeta], image_hwc, seed:
       image_shape=tuple(image_hwc),
       response_mean=padded([m.stat("responses", "mean") for m in mice], n_max),
       response_std=padded([m.stat("responses", "std") for m in mice], n_max),
-      rngs=nnx.Rngs(params=seed))
+      remat=config.train.get("remat", "none"), rngs=nnx.Rngs(params=seed))
 
 
 def make_optimizer(train_cfg) -> optax.GradientTransformation:
@@ -146,20 +146,68 @@ def new_state(model: V1T, tx: optax.GradientTransformation) -> dict:
 # Steps (module-level pure functions, jitted once with explicit shardings).
 
 
-def train_step(state, batch, key, lr_scale, *, graphdef, tx, n_train, lrs):
-  """One optimizer update on a [M, B, ...] batch; returns the new state and per-mouse losses."""
-  def loss_fn(model):
-    return losses.objective(model, batch, n_train, train=True, key=key)
+def train_step(state, batch, key, lr_scale, *, graphdef, tx, n_train, lrs, microbatches=1):
+  """One optimizer update on a [M, B, ...] batch; returns the new state and per-mouse losses.
 
+  microbatches k > 1: gradients of k slices of B/k trials per mouse, accumulated (activation
+  memory / k, the same update up to the random draws and float rounding).
+  """
   model = nnx.merge(graphdef, state["params"], state["buffers"])
-  # nnx.value_and_grad differentiates the Params only and keeps the buffers at their trace level
-  # (a plain jax.grad over a re-merged model mixes trace levels inside the readouts' nnx.vmap).
-  (total, aux), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+  if microbatches == 1:
+    # nnx.value_and_grad differentiates the Params only and keeps the buffers at their trace level
+    # (a plain jax.grad over a re-merged model mixes trace levels inside the readouts' nnx.vmap).
+    (total, aux), grads = nnx.value_and_grad(
+        lambda model: losses.objective(model, batch, n_train, train=True, key=key),
+        has_aux=True)(model)
+    poisson_M, reg_M = aux["poisson"], aux["reg"]
+  else:
+    grads, poisson_M, reg_M = accumulated_grads(model, batch, key, n_train, microbatches)
+    total = jnp.sum(poisson_M + reg_M)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   updates = scale_updates(updates, lr_scale, **lrs)   # group lr x (plateau factor x decay)
   new = dict(state, params=optax.apply_updates(state["params"], updates), opt_state=opt_state,
              step=state["step"] + 1)
-  return new, {"loss": total, "poisson": aux["poisson"], "reg": aux["reg"]}
+  return new, {"loss": total, "poisson": poisson_M, "reg": reg_M}
+
+
+def microbatch_slices(batch, microbatches: int):
+  """[M, B, ...] arrays -> [k, M, B/k, ...]: slice j holds trials j, j + k, j + 2k, ... (each
+  device's share of B stays spread evenly over the slices)."""
+  def split(x):
+    mice, trials = x.shape[:2]
+    if trials % microbatches:
+      raise ValueError(f"train.microbatches={microbatches} must divide the batch size {trials}")
+    return jnp.moveaxis(x.reshape((mice, trials // microbatches, microbatches) + x.shape[2:]), 2, 0)
+  return jax.tree.map(split, batch)
+
+
+def accumulated_grads(model, batch, key, n_train, microbatches: int):
+  """(grads, poisson [M], reg [M]) of the step's objective, its Poisson part summed over
+  `microbatches` slices in a lax.scan (ds_scale from the whole step's trials), the
+  regulariser's gradient taken once."""
+  graphdef, state = nnx.split(model)   # carried through the scan, merged at its trace level
+
+  def poisson(model, micro, key):
+    _, aux = losses.objective(model, micro, n_train, train=True, key=key,
+                              step_valid=batch["valid"], regularize=False)
+    return jnp.sum(aux["poisson"]), aux["poisson"]
+
+  def body(carry, xs):
+    grads, poisson_M, state = carry
+    micro, j = xs
+    (_, micro_M), micro_grads = nnx.value_and_grad(poisson, has_aux=True)(
+        nnx.merge(graphdef, state), micro, jax.random.fold_in(key, j))
+    return (jax.tree.map(jnp.add, grads, micro_grads), poisson_M + micro_M, state), None
+
+  def regularizer(model):
+    reg_M = losses.regularizer(model)
+    return jnp.sum(reg_M), reg_M
+
+  (_, reg_M), reg_grads = nnx.value_and_grad(regularizer, has_aux=True)(model)
+  (grads, poisson_M, _), _ = jax.lax.scan(
+      body, (reg_grads, jnp.zeros_like(reg_M), state),
+      (microbatch_slices(batch, microbatches), jnp.arange(microbatches)))
+  return grads, poisson_M, reg_M
 
 
 def eval_step(params, buffers, batch, *, graphdef, n_train):
@@ -253,7 +301,8 @@ class Trainer:
         self.abstract_state)
     self.train_step = jax.jit(
         functools.partial(train_step, graphdef=self.graphdef, tx=self.tx, n_train=self.n_train,
-                          lrs=group_lrs(self.config.train)),
+                          lrs=group_lrs(self.config.train),
+                          microbatches=int(self.config.train.get("microbatches", 1))),
         in_shardings=(self.state_sharding, self.batch_sharding, self.repl, self.repl),
         out_shardings=(self.state_sharding, self.repl), donate_argnums=(0,))
     self.eval_step = jax.jit(
@@ -662,11 +711,13 @@ def _train_and_evaluate(config, workdir: str, on_epoch) -> dict:
     steps_per_epoch = min(steps_per_epoch, config.train.max_steps_per_epoch)
   plateau = Plateau(config.train.lr_patience, config.train.lr_factor, config.train.max_reduce)
   start_epoch = 0
+  epoch_sums = None   # a mid-epoch checkpoint's running sums of the epoch's step outputs
   resumed = restore_newest_intact(latest, trainer, workdir)
   if resumed is not None:
     state, meta = resumed
     plateau = Plateau.from_state(meta["plateau"])
     start_epoch = meta["epoch"]
+    epoch_sums = meta.get("epoch_sums")
     _say(f"resumed from step {meta['step']} (epoch {start_epoch}) in {workdir}")
   else:
     state = trainer.init_state(config.seed)
@@ -686,7 +737,10 @@ def _train_and_evaluate(config, workdir: str, on_epoch) -> dict:
   nonfinite = None   # why the state went bad: nothing of it is saved, the run fails
   with metric_writers.ensure_flushes(writer):
     for epoch in range(start_epoch, config.train.num_epochs):
-      outs = []
+      # float64 sums of the steps' outputs, saved with mid-epoch checkpoints: a resumed epoch
+      # logs the mean over all its steps, as an uninterrupted run does.
+      sums = EpochSums.from_meta(epoch_sums)
+      epoch_sums = None
       epoch_end = (epoch + 1) * steps_per_epoch   # a run resumed mid-epoch finishes this epoch
       epoch_start = epoch * steps_per_epoch
       progress = Progress(f"epoch {epoch + 1}/{config.train.num_epochs}", steps_per_epoch,
@@ -696,7 +750,7 @@ def _train_and_evaluate(config, workdir: str, on_epoch) -> dict:
         lr_scale = plateau.lr_scale * decay_factor(step, total_steps, decay_steps)
         state, out = trainer.train_step(state, batch, jax.random.fold_in(key, step),
                                         jnp.float32(lr_scale))
-        outs.append(out)
+        sums.add(out)
         step += 1
         report(step)
         progress(step - epoch_start, wait_for=out["loss"])
@@ -705,10 +759,11 @@ def _train_and_evaluate(config, workdir: str, on_epoch) -> dict:
           if not state_is_finite(state):
             nonfinite = f"NaN/inf parameters or optimizer state at step {step} (epoch {epoch})"
             break
-          save(latest, state, _meta(step, epoch, plateau, run=trainer.run_info))
+          save(latest, state, _meta(step, epoch, plateau, run=trainer.run_info,
+                                    epoch_sums=sums.to_meta()))
       if nonfinite:
         break
-      train = {k: np.mean([np.asarray(o[k]) for o in outs], axis=0) for k in outs[0]}
+      train = sums.means()
       if not np.isfinite(train["loss"]):
         nonfinite = f"NaN/inf training loss in epoch {epoch}"
         break
@@ -794,11 +849,38 @@ def _say(message: str):
 
 
 def _meta(step: int, epoch: int, plateau: Plateau, val: dict | None = None,
-          run: dict | None = None) -> dict:
+          run: dict | None = None, epoch_sums: dict | None = None) -> dict:
   meta = {"step": step, "epoch": epoch, "plateau": plateau.state(), "run": run or {}}
   if val is not None:
     meta["validation"] = val
+  if epoch_sums is not None:
+    meta["epoch_sums"] = epoch_sums
   return meta
+
+
+class EpochSums:
+  """Running float64 sums of the train steps' outputs ("loss", "poisson" [M], "reg" [M]) over
+  one epoch, in step order; JSON round trip is exact (Python floats)."""
+
+  def __init__(self, steps: int = 0, totals: dict | None = None):
+    self.steps, self.totals = steps, totals or {}
+
+  @classmethod
+  def from_meta(cls, meta: dict | None) -> EpochSums:
+    if not meta:
+      return cls()
+    return cls(meta["steps"], {k: np.asarray(v, np.float64) for k, v in meta["totals"].items()})
+
+  def add(self, out: dict):
+    for k, v in out.items():
+      self.totals[k] = self.totals.get(k, 0.0) + np.asarray(v, np.float64)
+    self.steps += 1
+
+  def means(self) -> dict:
+    return {k: v / self.steps for k, v in self.totals.items()}
+
+  def to_meta(self) -> dict:
+    return {"steps": self.steps, "totals": {k: np.asarray(v).tolist() for k, v in self.totals.items()}}
 
 
 def _flat(config, prefix: str = "") -> dict:

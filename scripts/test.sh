@@ -2,4 +2,6 @@
 # Installs v1t_jax and runs the test suite (CPU only, tiny synthetic data written by the tests).
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/install.sh"
-python -m pytest tests "$@"
+# Two workers (pytest-xdist) on 2 cores: much of a test is Python, TensorFlow start-up and
+# subprocesses, which overlap. loadfile: a module-scoped fixture is built once.
+python -m pytest tests -n 2 --dist loadfile "$@"

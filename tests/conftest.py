@@ -14,6 +14,18 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import pytest  # noqa: E402
 
+# Modules with long end-to-end runs, started first so that pytest-xdist's workers finish together
+# (scripts/test.sh runs 2 workers, a module per worker at a time).
+SLOW_FIRST = ("test_sweep.py", "test_train.py", "test_interruptions.py", "test_multiprocess.py",
+              "test_launch.py")
+
+
+def pytest_collection_modifyitems(items):
+  def rank(item):
+    name = item.path.name
+    return SLOW_FIRST.index(name) if name in SLOW_FIRST else len(SLOW_FIRST)
+  items.sort(key=rank)   # stable: the order within a module is kept
+
 
 @pytest.fixture(scope="session")
 def tiny_zips(tmp_path_factory):
@@ -30,3 +42,33 @@ def tiny_data_dir(tiny_zips, tmp_path_factory):
   out = tmp_path_factory.mktemp("tiny_tfds")
   convert.convert(tiny_zips, str(out))
   return str(out)
+
+
+@pytest.fixture(scope="session")
+def one_epoch_run(tiny_data_dir, tmp_path_factory):
+  """A finished 1-epoch run of the tiny config, shared: a checkpoint every step (latest: steps 2
+  and 3), a progress line at every step, figures of the best state in TensorBoard. Returns
+  (workdir, config, what it printed). Copy the workdir before changing it."""
+  import contextlib
+  import io
+
+  from configs import synthetic
+  from v1t_jax import train
+  config = synthetic.get_config("tiny")
+  config.data.data_dir = tiny_data_dir
+  config.train.update(num_epochs=1, checkpoint_every_steps=1, figures_every_epochs=1)
+  config.train.progress_every_s = 0.0
+  workdir = str(tmp_path_factory.mktemp("one_epoch_run") / "run")
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    train.train_and_evaluate(config, workdir)
+  return workdir, config, out.getvalue()
+
+
+@pytest.fixture
+def one_epoch_copy(one_epoch_run, tmp_path):
+  """A copy of one_epoch_run's workdir to damage or resume."""
+  import shutil
+  workdir = str(tmp_path / "run")
+  shutil.copytree(one_epoch_run[0], workdir, ignore=shutil.ignore_patterns(".lock"))
+  return workdir

@@ -125,16 +125,10 @@ def test_read_scalars_and_curves(tmp_path):
     figures.plot_training_curves({"other": (np.arange(2), np.zeros(2))})
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tiny_data_dir, tmp_path_factory):
-  from v1t_jax import train
-  config = synthetic.get_config("tiny")
-  config.data.data_dir = tiny_data_dir
-  config.train.num_epochs = 1
-  config.train.figures_every_epochs = 1    # the training hook: figures of the best state
-  workdir = str(tmp_path_factory.mktemp("figures_run") / "run")
-  train.train_and_evaluate(config, workdir)
-  return config, workdir
+@pytest.fixture
+def tiny_run(one_epoch_copy, one_epoch_run):
+  """(config, workdir) of a copy of conftest's one_epoch_run (tests here write figures to it)."""
+  return one_epoch_run[1], one_epoch_copy
 
 
 def test_cli_end_to_end(tiny_run, tmp_path):

@@ -6,36 +6,20 @@ import glob
 import io
 import os
 import re
-import shutil
 import subprocess
 import sys
 
 import pytest
+from test_train import tiny_config  # the tiny run's config, one home
 
-from test_train import tiny_config   # the tiny run's config, one home
 from v1t_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-@pytest.fixture(scope="module")
-def one_epoch_run(tiny_data_dir, tmp_path_factory):
-  """A finished 1-epoch tiny run with a checkpoint every step (latest: steps 2 and 3), with a
-  progress line at every step and batch; returns its workdir and what it printed."""
-  workdir = str(tmp_path_factory.mktemp("guards") / "run")
-  config = tiny_config(tiny_data_dir, num_epochs=1, checkpoint_every_steps=1)
-  config.train.progress_every_s = 0.0
-  out = io.StringIO()
-  with contextlib.redirect_stdout(out):
-    train.train_and_evaluate(config, workdir)
-  return workdir, out.getvalue()
-
-
 @pytest.fixture
-def run_copy(one_epoch_run, tmp_path):
-  """A copy of one_epoch_run to damage or resume."""
-  workdir = str(tmp_path / "run")
-  shutil.copytree(one_epoch_run[0], workdir, ignore=shutil.ignore_patterns(".lock"))
-  return workdir
+def run_copy(one_epoch_copy):
+  """A copy of conftest's one_epoch_run to damage or resume."""
+  return one_epoch_copy
 
 
 def truncate(path: str):
@@ -148,7 +132,8 @@ def test_resume_with_another_model_or_batch_size_names_the_fields(tiny_data_dir,
   assert sorted(os.listdir(os.path.join(run_copy, "checkpoints"))) == ["2", "3"]
 
   # Other differences resume, and are named in one line.
-  config = tiny_config(tiny_data_dir, num_epochs=2, lr=0.01, checkpoint_every_steps=1)
+  config = tiny_config(tiny_data_dir, num_epochs=2, lr=0.01, checkpoint_every_steps=1,
+                       figures_every_epochs=1)
   config.train.progress_every_s = 0.0
   config.model.t_dropout = 0.0
   latest, best = train.checkpoint_managers(run_copy)
@@ -196,7 +181,7 @@ def test_second_trainer_on_a_workdir_is_refused_and_a_killed_ones_lock_is_free(
 
 def test_progress_lines_during_epochs_and_evaluation(one_epoch_run):
   # The run's own lines (progress every 0 s: every step and batch).
-  said = one_epoch_run[1].splitlines()
+  said = one_epoch_run[2].splitlines()
   steps = [line for line in said if line.startswith("epoch 1/1: step ")]
   assert [line.split(" (")[0] for line in steps] == [f"epoch 1/1: step {i}/3" for i in (1, 2, 3)]
   assert all(re.search(r"\(\d+%\), [\d.e+]+ steps/s, ETA \d+:\d\d:\d\d$", line)

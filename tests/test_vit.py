@@ -259,9 +259,9 @@ def test_remat_policies_change_memory_not_results():
       feat, _ = nnx.merge(graphdef, params, rest)(images, behavior, key=jax.random.key(2))
       return jnp.sum(feat**2)
 
-    value, vjp = jax.vjp(loss, params)
-    results[remat] = (value, vjp(jnp.ones(()))[0])
-    saved_bytes[remat] = sum(x.nbytes for x in jax.tree.leaves(vjp))
+    results[remat] = jax.jit(jax.value_and_grad(loss))(params)
+    residuals = jax.eval_shape(lambda p, loss=loss: jax.vjp(loss, p)[1], params)
+    saved_bytes[remat] = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(residuals))
   for remat in ("attention", "block"):
     chex_tree_close(results[remat], results["none"])
   assert saved_bytes["block"] < saved_bytes["attention"] < saved_bytes["none"], saved_bytes
@@ -337,17 +337,48 @@ def test_per_mouse_bmlp_equals_loop_over_mice():
   assert not np.allclose(state["fc1"]["kernel"][...][0], state["fc1"]["kernel"][...][1])
 
 
-def test_default_core_parameter_counts():
-  """model_spec.md §10.1, the original's counts."""
+def test_default_core_parameter_counts_by_part():
+  """model_spec.md §10.1, the original's counts of the embedding, a block and its B-MLP."""
   core = default_core()
   embed = core.patch_embedding
   assert embed.pos_embedding.shape == (1654, 155)  # 256,370
   assert num_params(embed) == 256_370 + 10_075 + 155
   assert num_params(core.blocks[0].bmlp) == 12_552
   assert num_params(core.blocks[0]) == 537_098 + 12_552
-  assert num_params(core) == 2_465_200
+  assert num_params(core) == 2_465_200   # every behaviour mode's totals: test_model.py
   assert core.output_shape == (29, 57, 155)
-  assert num_params(default_core(behavior_dim=0)) == 2_414_992
-  assert num_params(default_core(behavior_dim=0, channels=4)) == 2_444_752
-  assert num_params(default_core(behavior_dim=3)) == 2_464_584
-  assert num_params(default_core(bmlp_mice=6)) == 2_716_240
+
+
+def test_fused_training_path_equals_explicit_path_given_the_kernels_mask(monkeypatch):
+  """vit.Attention with attention="fused" while dropping out (the Pallas kernel, here in
+  interpret mode as if on a GPU) equals the explicit path fed the kernel's own keep mask:
+  outputs and gradients."""
+  import functools
+
+  from v1t_jax import flash_attention
+  kwargs = dict(t_dropout=0.3, use_lsa=False, use_bias=True, compute_dtype="float32")
+  fused = vit.Attention(6, 2, fused=True, rngs=nnx.Rngs(0), **kwargs)
+  explicit = vit.Attention(6, 2, fused=False, rngs=nnx.Rngs(0), **kwargs)
+  t = jax.random.normal(jax.random.key(0), (2, 21, 6))
+  key = jax.random.key(1)
+  prob_key, _ = layers.split_key(key, 2)
+  seed = jax.random.bits(prob_key, (2,), jnp.uint32)
+  kernel_mask = flash_attention.keep_mask(seed, (2, 2, 21, 21), 0.3)
+  draw = jax.random.bernoulli
+
+  def bernoulli(key, p, shape):   # the probabilities' mask: the kernel's bits
+    return kernel_mask if tuple(shape) == kernel_mask.shape else draw(key, p, shape)
+
+  def loss(attn, t):
+    return jnp.sum(jnp.sin(attn(t, key=key)[0]) * jnp.arange(6.0))
+
+  monkeypatch.setattr(jax.random, "bernoulli", bernoulli)
+  with jax.default_matmul_precision("float32"):
+    expected = nnx.value_and_grad(loss, argnums=1)(explicit, t)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(flash_attention, "flash_attention",
+                        functools.partial(flash_attention.flash_attention, interpret=True,
+                                          block_q=16, block_k=16))
+    got = nnx.value_and_grad(loss, argnums=1)(fused, t)
+  np.testing.assert_allclose(got[0], expected[0], rtol=1e-5)
+  np.testing.assert_allclose(got[1], expected[1], rtol=1e-4, atol=1e-6)

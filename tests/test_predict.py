@@ -187,3 +187,30 @@ def test_predict_module_does_not_import_tensorflow():
           "sys.exit(any(m.split('.')[0] == 'tensorflow' for m in sys.modules))")
   assert subprocess.run([sys.executable, "-c", code], env={**os.environ, "JAX_PLATFORMS": "cpu"},
                         timeout=120).returncode == 0
+
+
+def test_response_fn_of_chosen_neurons_equals_their_columns(predictor):
+  """response_fn(mouse, neurons) computes only those neurons' readouts; the values equal those
+  columns of the whole mouse's responses, gradients included, and a Subject restricted to them
+  (the MEI path) uses it."""
+  import jax
+  import jax.numpy as jnp
+
+  from v1t_jax.insilico.subject import Subject
+  mouse = MICE[1]
+  rng = np.random.default_rng(0)
+  image = jnp.asarray(rng.normal(size=(3, 36, 64, 1)), jnp.float32)
+  behavior, pupil = jnp.zeros((3, 3)), jnp.zeros((3, 2))
+  full = predictor.response_fn(mouse)(image, behavior, pupil)
+  chosen = [30, 0, 7, 7]
+  some = predictor.response_fn(mouse, chosen)(image, behavior, pupil)
+  assert some.shape == (3, 4)
+  np.testing.assert_allclose(some, np.asarray(full)[:, chosen], rtol=1e-6)
+  grad = lambda f: jax.grad(lambda x: jnp.sum(f(x, behavior, pupil)[:, 0]))(image)  # noqa: E731
+  np.testing.assert_allclose(grad(predictor.response_fn(mouse, [30])),
+                             grad(lambda *a: predictor.response_fn(mouse)(*a)[:, 30:31]),
+                             rtol=1e-5, atol=1e-7)
+  subject = Subject.from_predictor(predictor, mouse).restricted([30, 0])
+  assert subject.num_neurons == 2 and subject.respond(image).shape == (3, 2)
+  with pytest.raises(ValueError, match=r"neurons must be in \[0, 31\)"):
+    predictor.response_fn(mouse, [31])

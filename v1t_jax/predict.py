@@ -37,7 +37,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from v1t_jax import image_stage, train
+from v1t_jax import image_stage, readout, train
 from v1t_jax.model import ModelConfig
 
 CHECKPOINT_DIRS = {"best": "best", "latest": "checkpoints"}   # train.checkpoint_managers' layout
@@ -170,13 +170,29 @@ def _per_mouse_mask(full_params, one_params, num_mice: int):
   return jax.tree.map(stacked, full_params, one_params)
 
 
-def _forward(params, buffers, mouse, image_BxHxWxC, behavior_Bx3, pupil_Bx2, *, graphdef,
-             params_mask, buffers_mask, return_attention: bool):
-  """Eval-mode prediction [B, N_max] (and attention [B, L, H, T, T]) of mouse `mouse` (traced)."""
+def _select_neurons(state, neurons_K):
+  """The readouts' per-neuron rows `neurons_K` of a one-mouse state ([1, N_max, ...] -> [1, K, ...])."""
+  per_neuron = set(readout.PER_NEURON_PARAMS) | {"source_grid"}
+
+  def select(path, x):
+    names = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]
+    if "readouts" in names and per_neuron & set(names) and "grid_predictor" not in names:
+      return jnp.take(x, neurons_K, axis=1)
+    return x
+  return jax.tree_util.tree_map_with_path(select, state)
+
+
+def _forward(params, buffers, mouse, image_BxHxWxC, behavior_Bx3, pupil_Bx2, neurons_K=None, *,
+             graphdef, params_mask, buffers_mask, return_attention: bool):
+  """Eval-mode prediction [B, N_max] (and attention [B, L, H, T, T]) of mouse `mouse` (traced);
+  with `neurons_K`, only those neurons' responses [B, K] (the readout computes nothing else)."""
   def take(x, stacked):
     return jax.lax.dynamic_slice_in_dim(x, mouse, 1, axis=0) if stacked else x
-  model = nnx.merge(graphdef, jax.tree.map(take, params, params_mask),
-                    jax.tree.map(take, buffers, buffers_mask))
+  params = jax.tree.map(take, params, params_mask)
+  buffers = jax.tree.map(take, buffers, buffers_mask)
+  if neurons_K is not None:
+    params, buffers = _select_neurons(params, neurons_K), _select_neurons(buffers, neurons_K)
+  model = nnx.merge(graphdef, params, buffers)
   pred, aux = model(image_BxHxWxC[None], behavior_Bx3[None], pupil_Bx2[None], train=False,
                     return_attention=return_attention)
   if return_attention:
@@ -332,15 +348,24 @@ class Predictor:
     return self.predict_model_inputs(mouse, model_images, b, p, batch_size=batch_size,
                                      return_attention=return_attention)
 
-  def response_fn(self, mouse: str):
+  def response_fn(self, mouse: str, neurons: Sequence[int] | None = None):
     """A pure, differentiable function (image [B, h, w, c], behavior [B, 3], pupil [B, 2]) ->
-    responses [B, neurons] of `mouse` on model inputs (for jax.grad / vmap, in-silico work)."""
+    responses [B, neurons] of `mouse` on model inputs (for jax.grad / vmap, in-silico work).
+    `neurons`: only these (in this order), computing no other neuron's readout."""
     record = self.mouse(mouse)
     forward, index = self._forward[False], jnp.int32(record.index)
+    selected = None
+    if neurons is not None:
+      selected = np.asarray(neurons, np.int32).reshape(-1)
+      if selected.size == 0 or selected.min() < 0 or selected.max() >= record.neurons:
+        raise ValueError(f"neurons must be in [0, {record.neurons}) for {record.name}, got "
+                         f"{list(selected)}")
+      selected = jnp.asarray(selected)
 
     def respond(image_BxHxWxC, behavior_Bx3, pupil_Bx2):
-      pred = forward(self.params, self.buffers, index, image_BxHxWxC, behavior_Bx3, pupil_Bx2)
-      return pred[:, : record.neurons]
+      pred = forward(self.params, self.buffers, index, image_BxHxWxC, behavior_Bx3, pupil_Bx2,
+                     selected)
+      return pred if selected is not None else pred[:, : record.neurons]
     return respond
 
   def predict_model_inputs(self, mouse: str, image_NxHxWxC, behavior_Nx3, pupil_Nx2, *,

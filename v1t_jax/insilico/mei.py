@@ -64,7 +64,9 @@ def meis(subject: Subject, neurons: Sequence[int], *, seeds: Sequence[int] = (0,
   seeds = [int(s) for s in seeds]
   h, w, c = subject.image_hwc
   n, s = len(neurons), len(seeds)
-  target_P = jnp.asarray(np.repeat(neurons, s))
+  # Only the neurons asked for: a trained model's readout then skips all the others.
+  chosen = subject.restricted(neurons)
+  target_P = jnp.asarray(np.repeat(np.arange(n), s))   # each image's neuron, in `chosen`
   seed_P = np.tile(np.asarray(seeds), n)
   lo, hi = jnp.asarray(subject.pixel_min), jnp.asarray(subject.pixel_max)
 
@@ -90,8 +92,8 @@ def meis(subject: Subject, neurons: Sequence[int], *, seeds: Sequence[int] = (0,
     return jnp.clip(x_PxHxWxC, lo, hi) if clip else x_PxHxWxC
 
   def activation(x_PxHxWxC):
-    r_PxN = subject.respond(x_PxHxWxC)
-    return jnp.take_along_axis(r_PxN, target_P[:, None], axis=1)[:, 0]
+    r_Pxn = chosen.respond(x_PxHxWxC)
+    return jnp.take_along_axis(r_Pxn, target_P[:, None], axis=1)[:, 0]
 
   blur_y, blur_x = jnp.asarray(blur_matrix(h, blur_sigma)), jnp.asarray(blur_matrix(w, blur_sigma))
   tx = optax.adam(lr) if optimizer == "adam" else optax.sgd(lr)

@@ -29,6 +29,8 @@ class Subject:
   respond: image [B, h, w, c] -> responses [B, N]; traceable by JAX when `differentiable`.
   pixel_min / pixel_max: model-input values of raw grey levels 0 and 255 (per channel, [c]).
   Model input 0 is the dataset's mean grey level ("grey").
+  select: optional neurons -> a `respond` of only those neurons that computes nothing else
+  (`restricted`; a trained model's readout then runs for those neurons only).
   """
   respond: Callable
   image_hwc: tuple[int, int, int]
@@ -37,6 +39,17 @@ class Subject:
   pixel_max: np.ndarray
   differentiable: bool = True
   name: str = "model"
+  select: Callable | None = None
+
+  def restricted(self, neurons) -> Subject:
+    """The same subject with only `neurons` (responses [B, len(neurons)], in that order)."""
+    index = tuple(int(n) for n in neurons)
+    if self.select is not None:
+      respond = self.select(index)
+    else:
+      columns, full = np.asarray(index), self.respond
+      respond = lambda x: full(x)[:, columns]  # noqa: E731
+    return dataclasses.replace(self, respond=respond, num_neurons=len(index), select=None)
 
   @classmethod
   def from_predictor(cls, predictor, mouse: str, behavior=None, pupil_center=None) -> Subject:
@@ -44,19 +57,24 @@ class Subject:
     record = predictor.mouse(mouse)
     as_row = lambda v: None if v is None else np.asarray(v, np.float32).reshape(1, -1)  # noqa: E731
     b_1x3, p_1x2 = predictor.normalise_behavior(mouse, 1, as_row(behavior), as_row(pupil_center))
-    fn = predictor.response_fn(mouse)
 
-    def respond(image_BxHxWxC):
-      n = image_BxHxWxC.shape[0]
-      return fn(image_BxHxWxC, jnp.broadcast_to(b_1x3, (n, 3)), jnp.broadcast_to(p_1x2, (n, 2)))
+    def responder(neurons=None):
+      fn = predictor.response_fn(mouse, neurons)
+
+      def respond(image_BxHxWxC):
+        n = image_BxHxWxC.shape[0]
+        return fn(image_BxHxWxC, jnp.broadcast_to(b_1x3, (n, 3)),
+                  jnp.broadcast_to(p_1x2, (n, 2)))
+      return respond
 
     c = predictor.image_hwc[2]
     lo = (0.0 - record.image_mean) / record.image_std
     hi = (255.0 - record.image_mean) / record.image_std
     if lo.size != c:   # gray_scale: one model channel made from several raw ones
       lo, hi = np.full(c, lo.mean()), np.full(c, hi.mean())
-    return cls(respond, tuple(predictor.image_hwc), record.neurons, lo.astype(np.float32),
-               hi.astype(np.float32), True, f"{record.name} (step {predictor.step})")
+    return cls(responder(), tuple(predictor.image_hwc), record.neurons, lo.astype(np.float32),
+               hi.astype(np.float32), True, f"{record.name} (step {predictor.step})",
+               select=responder)
 
   @functools.cached_property
   def jitted(self) -> Callable:

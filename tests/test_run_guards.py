@@ -16,12 +16,6 @@ from v1t_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-@pytest.fixture
-def run_copy(one_epoch_copy):
-  """A copy of conftest's one_epoch_run to damage or resume."""
-  return one_epoch_copy
-
-
 def truncate(path: str):
   with open(path, "rb") as f:
     data = f.read()
@@ -30,62 +24,63 @@ def truncate(path: str):
 
 
 def test_damaged_latest_checkpoint_is_named_moved_and_an_older_one_resumed(
-    tiny_data_dir, run_copy, capsys):
+    tiny_data_dir, one_epoch_copy, capsys):
   config = tiny_config(tiny_data_dir, num_epochs=1, checkpoint_every_steps=1)
   config.train.progress_every_s = 0.0
   trainer = train.setup(config)
-  ckpts = os.path.join(run_copy, "checkpoints")
+  ckpts = os.path.join(one_epoch_copy, "checkpoints")
   for path in glob.glob(os.path.join(ckpts, "3", "state", "**", "d", "*"), recursive=True):
     truncate(path)   # the arrays' data files, cut in half
-  latest, best = train.checkpoint_managers(run_copy)
-  state, meta = train.restore_newest_intact(latest, trainer, run_copy)
+  latest, best = train.checkpoint_managers(one_epoch_copy)
+  state, meta = train.restore_newest_intact(latest, trainer, one_epoch_copy)
   said = capsys.readouterr().out
   assert meta["step"] == 2 and int(state["step"]) == 2
   assert f"checkpoint {ckpts}/3 is damaged (" in said
-  assert f"moved it to {run_copy}/damaged_checkpoints/3 and resuming from step 2" in said
+  assert f"moved it to {one_epoch_copy}/damaged_checkpoints/3 and resuming from step 2" in said
   assert latest.all_steps() == [2]
-  assert os.path.isdir(os.path.join(run_copy, "damaged_checkpoints", "3", "state"))   # kept
+  assert os.path.isdir(os.path.join(one_epoch_copy, "damaged_checkpoints", "3", "state"))   # kept
   latest.close(), best.close()
 
   # The run itself: resumes from step 2, redoes step 3; the damaged copy stays aside.
-  result = train.train_and_evaluate(config, run_copy)
+  result = train.train_and_evaluate(config, one_epoch_copy)
   assert "resumed from step 2 (epoch 0)" in capsys.readouterr().out
   assert result["stop_reason"] == "max epochs"
   assert sorted(os.listdir(ckpts)) == ["2", "3"]
-  assert os.listdir(os.path.join(run_copy, "damaged_checkpoints")) == ["3"]
+  assert os.listdir(os.path.join(one_epoch_copy, "damaged_checkpoints")) == ["3"]
 
   # Every checkpoint damaged (here: a metadata file removed): stop, name each, move nothing.
   for step in ("2", "3"):
     os.remove(os.path.join(ckpts, step, "meta", "metadata"))
-  latest, best = train.checkpoint_managers(run_copy)
+  latest, best = train.checkpoint_managers(one_epoch_copy)
   with pytest.raises(train.RunError, match=r"no intact checkpoint to resume from \("
                      rf"{ckpts}/3: FileNotFoundError.*; {ckpts}/2: FileNotFoundError"):
-    train.restore_newest_intact(latest, trainer, run_copy)
+    train.restore_newest_intact(latest, trainer, one_epoch_copy)
   assert sorted(os.listdir(ckpts)) == ["2", "3"]
   latest.close(), best.close()
 
 
-def test_a_nan_checkpoint_of_an_older_version_counts_as_damaged(tiny_data_dir, run_copy, capsys):
+def test_a_nan_checkpoint_of_an_older_version_counts_as_damaged(tiny_data_dir, one_epoch_copy,
+                                                               capsys):
   # Versions before the finiteness check could save NaN states as the latest checkpoint.
   import jax
   import numpy as np
   config = tiny_config(tiny_data_dir, num_epochs=1, checkpoint_every_steps=1)
   config.train.progress_every_s = 0.0
   trainer = train.setup(config)
-  latest, best = train.checkpoint_managers(run_copy)
+  latest, best = train.checkpoint_managers(one_epoch_copy)
   state, meta = train.restore(latest, trainer, 3)
   state["params"] = jax.tree.map(lambda x: x * np.nan, state["params"])
   train.save(latest, state, dict(meta, step=4))
   latest.wait_until_finished()
   assert latest.all_steps() == [3, 4]
-  _, meta = train.restore_newest_intact(latest, trainer, run_copy)
+  _, meta = train.restore_newest_intact(latest, trainer, one_epoch_copy)
   assert meta["step"] == 3 and latest.all_steps() == [3]
   assert "checkpoints/4 is damaged (it holds NaN/inf values); moved it to " in (
       capsys.readouterr().out)
   latest.close(), best.close()
 
 
-def test_evaluate_without_a_checkpoint_says_so_in_one_line(tiny_zips, tiny_data_dir, run_copy,
+def test_evaluate_without_a_checkpoint_says_so_in_one_line(tiny_zips, tiny_data_dir, one_epoch_copy,
                                                            tmp_path):
   empty = tmp_path / "never_trained"
   proc = subprocess.run(
@@ -104,22 +99,22 @@ def test_evaluate_without_a_checkpoint_says_so_in_one_line(tiny_zips, tiny_data_
   config.eval.step = 7
   with pytest.raises(train.RunError, match=r"--config.eval.step=7: no such checkpoint in .*"
                      r"checkpoints \(there: 2, 3\)"):
-    train.evaluate_checkpoint(config, run_copy)
+    train.evaluate_checkpoint(config, one_epoch_copy)
   config.eval.step = None
-  for path in glob.glob(os.path.join(run_copy, "best", "3", "state", "**", "d", "*"),
+  for path in glob.glob(os.path.join(one_epoch_copy, "best", "3", "state", "**", "d", "*"),
                         recursive=True):
     truncate(path)
-  with pytest.raises(train.RunError, match=f"checkpoint {run_copy}/best/3 is damaged"):
-    train.evaluate_checkpoint(config, run_copy)
+  with pytest.raises(train.RunError, match=f"checkpoint {one_epoch_copy}/best/3 is damaged"):
+    train.evaluate_checkpoint(config, one_epoch_copy)
 
 
-def test_resume_with_another_model_or_batch_size_names_the_fields(tiny_data_dir, run_copy,
+def test_resume_with_another_model_or_batch_size_names_the_fields(tiny_data_dir, one_epoch_copy,
                                                                    capsys):
-  ckpt = f"{run_copy}/checkpoints/3"
+  ckpt = f"{one_epoch_copy}/checkpoints/3"
   config = tiny_config(tiny_data_dir, num_epochs=2)
   config.model.emb_dim = 8
   with pytest.raises(train.RunError) as error:
-    train.train_and_evaluate(config, run_copy)
+    train.train_and_evaluate(config, one_epoch_copy)
   assert str(error.value) == (
       f"{ckpt} holds another model than this config (model.emb_dim 16 -> 8); resume with the "
       "checkpoint's values or use another --workdir")
@@ -127,17 +122,17 @@ def test_resume_with_another_model_or_batch_size_names_the_fields(tiny_data_dir,
   config.data.batch_size = 8
   with pytest.raises(train.RunError, match=rf"^{ckpt} was trained with other step settings "
                      r"\(data.batch_size 4 -> 8\): its step counter"):
-    train.train_and_evaluate(config, run_copy)
-  assert not os.path.exists(os.path.join(run_copy, "damaged_checkpoints"))   # not "damage"
-  assert sorted(os.listdir(os.path.join(run_copy, "checkpoints"))) == ["2", "3"]
+    train.train_and_evaluate(config, one_epoch_copy)
+  assert not os.path.exists(os.path.join(one_epoch_copy, "damaged_checkpoints"))   # not "damage"
+  assert sorted(os.listdir(os.path.join(one_epoch_copy, "checkpoints"))) == ["2", "3"]
 
   # Other differences resume, and are named in one line.
   config = tiny_config(tiny_data_dir, num_epochs=2, lr=0.01, checkpoint_every_steps=1,
                        figures_every_epochs=1)
   config.train.progress_every_s = 0.0
   config.model.t_dropout = 0.0
-  latest, best = train.checkpoint_managers(run_copy)
-  _, meta = train.restore_newest_intact(latest, train.setup(config), run_copy)
+  latest, best = train.checkpoint_managers(one_epoch_copy)
+  _, meta = train.restore_newest_intact(latest, train.setup(config), one_epoch_copy)
   latest.close(), best.close()
   assert meta["step"] == 3
   assert capsys.readouterr().out.splitlines()[-1] == (
@@ -205,11 +200,11 @@ def test_progress_lines_during_epochs_and_evaluation(one_epoch_run):
   assert train._duration(float("inf")) == "?" and train._duration(3725.4) == "1:02:05"
 
 
-def test_a_nan_stop_makes_launch_train_fail(tiny_zips, tiny_data_dir, run_copy):
+def test_a_nan_stop_makes_launch_train_fail(tiny_zips, tiny_data_dir, one_epoch_copy):
   # Resumed at a diverging lr: step 4 (params ~1e38) is finite and saved, step 5 is not.
   proc = subprocess.run(
       [sys.executable, "launch_train.py", "--config=configs/synthetic.py:tiny",
-       f"--workdir={run_copy}", f"--config.data.data_dir={tiny_data_dir}",
+       f"--workdir={one_epoch_copy}", f"--config.data.data_dir={tiny_data_dir}",
        f"--config.synthetic.zip_dir={os.path.dirname(tiny_zips[0])}",
        "--config.train.num_epochs=2", "--config.train.lr=1e38",
        "--config.train.checkpoint_every_steps=1"],
@@ -217,6 +212,6 @@ def test_a_nan_stop_makes_launch_train_fail(tiny_zips, tiny_data_dir, run_copy):
   assert proc.returncode == 1, proc.stderr[-2000:]
   assert proc.stderr.strip().splitlines()[-1] == (
       "error: NaN/inf parameters or optimizer state at step 5 (epoch 1); stopped without saving "
-      f"it, the last good checkpoint is {run_copy}/checkpoints/4")
-  assert sorted(os.listdir(os.path.join(run_copy, "checkpoints"))) == ["3", "4"]
+      f"it, the last good checkpoint is {one_epoch_copy}/checkpoints/4")
+  assert sorted(os.listdir(os.path.join(one_epoch_copy, "checkpoints"))) == ["3", "4"]
   assert '"checkpoint_step": 3' in proc.stdout   # the best state was still evaluated

@@ -3,6 +3,7 @@ model_spec.md §3 (evaluation and training mode), remat policies, init, paramete
 
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -160,7 +161,8 @@ def numpy_core(p, images, behavior, masks, *, heads, patch, lsa_scales=None, rat
     probs = np.stack(probs, 1)  # [N, H, T, T]
     all_probs.append(probs)
     dropped = drop(probs, rate)
-    o = np.concatenate([dropped[:, h] @ v_all[..., h * dim:(h + 1) * dim] for h in range(heads)], -1)
+    o = np.concatenate([dropped[:, h] @ v_all[..., h * dim:(h + 1) * dim]
+                        for h in range(heads)], -1)
     t = t + drop_path(drop(o @ a["projection"]["kernel"] + a["projection"]["bias"], rate))
     m = block["mlp"]
     hidden = _layer_norm(t, m["layer_norm"]["scale"], m["layer_norm"]["bias"])
@@ -263,13 +265,8 @@ def test_remat_policies_change_memory_not_results():
     residuals = jax.eval_shape(lambda p, loss=loss: jax.vjp(loss, p)[1], params)
     saved_bytes[remat] = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(residuals))
   for remat in ("attention", "block"):
-    chex_tree_close(results[remat], results["none"])
+    chex.assert_trees_all_close(results[remat], results["none"], rtol=1e-5, atol=1e-6)
   assert saved_bytes["block"] < saved_bytes["attention"] < saved_bytes["none"], saved_bytes
-
-
-def chex_tree_close(a, b):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
 
 def test_fused_attention_equals_explicit_without_dropout_and_refuses_dropout_off_gpu():

@@ -59,8 +59,9 @@ def main(argv):
   from v1t_jax import distributed
   joined = distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   import jax
+
   from data_prep import prepare
-  from v1t_jax import input_pipeline, train
+  from v1t_jax import checkpoints, figures, input_pipeline, train
 
   if joined and jax.process_index() == 0:
     print(f"{jax.process_count()} processes ({joined}), {jax.device_count()} devices", flush=True)
@@ -69,11 +70,11 @@ def main(argv):
   workdir = _WORKDIR.value
   if _MODE.value == "evaluate":
     try:   # before the dataset is made or read: no checkpoint, no work
-      train.require_checkpoint(config, workdir)
-    except train.RunError as e:
+      checkpoints.require_checkpoint(config, workdir)
+    except checkpoints.RunError as e:
       raise SystemExit(f"error: {e}") from None
   else:
-    train.run_path(workdir).mkdir(parents=True, exist_ok=True)   # local or gs://
+    checkpoints.run_path(workdir).mkdir(parents=True, exist_ok=True)   # local or gs://
   try:
     if jax.process_count() > 1:
       # Process 0 makes a missing synthetic dataset first; on hosts that do not share its disk
@@ -88,14 +89,15 @@ def main(argv):
   if _MODE.value == "data":
     result = input_pipeline.summarize(mice, config.data)
     if jax.process_index() == 0:
-      (train.run_path(workdir) / "data_summary.json").write_text(json.dumps(result, indent=1))
+      summary = checkpoints.run_path(workdir) / "data_summary.json"
+      summary.write_text(json.dumps(result, indent=1))
   else:
     try:
       if _MODE.value == "train":
-        result = train.train_and_evaluate(config, workdir)
+        result = train.train_and_evaluate(config, workdir, figures=figures.write_summary)
       else:
         result = train.evaluate_checkpoint(config, workdir)
-    except train.RunError as e:   # one line, no traceback: what went wrong and what to do
+    except checkpoints.RunError as e:   # one line, no traceback: what went wrong and what to do
       raise SystemExit(f"error: {e}") from None
   print(json.dumps(result))
   if result.get("error"):   # e.g. NaN: the best state was evaluated, but the run failed

@@ -30,9 +30,40 @@ def data_config() -> ml_collections.ConfigDict:
   return d
 
 
+def stacked2d_config() -> ml_collections.ConfigDict:
+  """The original's CNN core (`model.core="stacked2d"`): its flags and Stacked2dCore's defaults
+  (v1t_jax/stacked2d.py; the Sensorium baseline of Lurz et al. 2021)."""
+  s = ml_collections.ConfigDict()
+  s.num_layers = 4
+  s.dropout = 0.0                      # Dropout2d after every hidden layer but the last
+  s.core_reg_input = 6.3831            # gamma_input: Laplace smoothness of the first conv
+  s.core_reg_hidden = 0.0              # gamma_hidden: group sparsity (0 for depth-separable)
+  s.linear = False                     # no ELU anywhere
+  s.hidden_channels = 64
+  s.input_kern = 9
+  s.hidden_kern = 7
+  s.skip = 0
+  s.stride = 1
+  s.final_nonlinearity = True
+  s.elu_shift = (0.0, 0.0)
+  s.bias = True
+  s.momentum = 0.9                     # PyTorch's convention: weight of the new batch
+  s.pad_input = False
+  s.hidden_padding = ml_collections.config_dict.placeholder(int)   # None = kernel // 2
+  s.batch_norm = True
+  s.hidden_dilation = 1
+  s.laplace_padding = ml_collections.config_dict.placeholder(int)  # None = 1
+  s.stack = -1                         # output of the last layer only
+  s.use_avg_reg = False
+  s.depth_separable = True
+  return s
+
+
 def model_config() -> ml_collections.ConfigDict:
-  """The ViT core, readouts and shifters (model_spec.md §3-§7, §12)."""
+  """The core, readouts and shifters (model_spec.md §3-§7, §12)."""
   m = ml_collections.ConfigDict()
+  m.core = "vit"                       # "vit" (the fields below) or "stacked2d" (m.stacked2d)
+  m.stacked2d = stacked2d_config()
   # Core (ViT).
   m.patch_size = 8
   m.patch_stride = 1
@@ -90,6 +121,9 @@ def train_config() -> ml_collections.ConfigDict:
   # gradient accumulation (must divide data.batch_size).
   t.remat = "none"
   t.microbatches = 4
+  # Members trained side by side in one program (a leading member axis, vmapped), differing only
+  # in their seed (seed + k); evaluation and predictions use the members' average.
+  t.ensemble_size = 1
   t.checkpoint_every_steps = 1000      # latest-state checkpoints within an epoch (0 = epoch ends)
   t.log_every_steps = 50
   t.max_steps_per_epoch = ml_collections.config_dict.placeholder(int)  # cap (smoke tests)

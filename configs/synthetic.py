@@ -6,6 +6,8 @@ On first use the preset's zips are written to `synthetic.zip_dir` and converted 
 `data.data_dir`. The model is a small V1T (same architecture, fewer and narrower blocks, larger
 patches at a coarser stride) so that it trains to a useful result in minutes on 2 CPU cores. `:tiny` selects the
 test-sized variant (the `tiny` preset, a two-block 16-wide model, a few steps per epoch).
+`:color` is the demo on Franke-style colour mice (UV + green 2x36x64 images, written with
+`synthesize --color`); add `--config.data.gray_scale=True` for the original's --gray_scale.
 """
 
 import ml_collections
@@ -15,12 +17,13 @@ from configs import default
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = arg or "demo"
-  if variant not in ("demo", "tiny"):
-    raise ValueError(f"configs/synthetic.py takes ':demo' or ':tiny', got {arg!r}")
-  demo = variant == "demo"
+  if variant not in ("demo", "tiny", "color"):
+    raise ValueError(f"configs/synthetic.py takes ':demo', ':tiny' or ':color', got {arg!r}")
+  demo = variant != "tiny"
   config = default.get_config()
   config.synthetic = ml_collections.ConfigDict()
-  config.synthetic.preset = variant               # data_prep.synthesize preset
+  config.synthetic.preset = "demo" if demo else "tiny"   # data_prep.synthesize preset
+  config.synthetic.color = variant == "color"     # Franke-style UV + green images
   config.synthetic.seed = 0
   config.synthetic.zip_dir = f"data/synthetic_{variant}_zips"
   config.data.data_dir = f"data/synthetic_{variant}_tfds"

@@ -73,8 +73,10 @@ def finish_synthetic(s, data_dir: str):
   writable_dir(data_dir, "config.data.data_dir")
   if not all(zips_of(missing).values()):
     writable_dir(s.zip_dir, "config.synthetic.zip_dir")
-    print(f"synthesizing the '{s.preset}' preset (seed {s.seed}) into {s.zip_dir}", flush=True)
-    synthesize.synthesize(s.zip_dir, s.preset, seed=s.seed, workers=None)
+    color = bool(s.get("color", False))
+    print(f"synthesizing the '{s.preset}' preset{' in colour' if color else ''} (seed {s.seed}) "
+          f"into {s.zip_dir}", flush=True)
+    synthesize.synthesize(s.zip_dir, s.preset, seed=s.seed, workers=None, color=color)
   zips = [z for paths in zips_of(missing).values() for z in paths]
   partial = f" (missing: {', '.join(missing)}; already there: {', '.join(sorted(done))})"
   print(f"converting {len(missing)} mice into {data_dir}{partial if done else ''}", flush=True)

@@ -53,7 +53,7 @@ def one_epoch_run(tiny_data_dir, tmp_path_factory):
   import io
 
   from configs import synthetic
-  from v1t_jax import train
+  from v1t_jax import figures, train
   config = synthetic.get_config("tiny")
   config.data.data_dir = tiny_data_dir
   config.train.update(num_epochs=1, checkpoint_every_steps=1, figures_every_epochs=1)
@@ -61,7 +61,7 @@ def one_epoch_run(tiny_data_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("one_epoch_run") / "run")
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
-    train.train_and_evaluate(config, workdir)
+    train.train_and_evaluate(config, workdir, figures=figures.write_summary)
   return workdir, config, out.getvalue()
 
 

@@ -71,11 +71,16 @@ def test_config_files_load_the_same_without_ml_collections(spec, monkeypatch):
 # Analytic FLOPs against XLA's count.
 
 
-def test_flop_formula_matches_xla_cost_analysis_of_the_forward_pass():
+@pytest.mark.parametrize("core", ["vit", "stacked2d"])
+def test_flop_formula_matches_xla_cost_analysis_of_the_forward_pass(core):
   # A matmul-dominated small V1T (no attention loop at this size): XLA also counts elementwise
-  # work (layer norms, softmax, GELU) that the formula leaves out, ~2 % here.
+  # work (layer norms, softmax, GELU; BatchNorm and ELU in the CNN) that the formula leaves
+  # out, ~2 % here.
   config = v1t_model.ModelConfig(emb_dim=64, num_heads=2, num_blocks=2, mlp_dim=128,
                                  patch_size=8, patch_stride=2)
+  if core == "stacked2d":   # the original's CNN, 2 of its 4 layers
+    config = v1t_model.ModelConfig(core="stacked2d", behavior_mode=1,
+                                   stacked2d={"num_layers": 2})
   counts, batch, hwc = (50,), 2, (36, 64, 1)
   model = v1t_model.V1T(config, neuron_counts=counts, coordinates=np.random.default_rng(0).normal(
       size=(1, 50, 3)), image_shape=hwc, rngs=nnx.Rngs(0))
@@ -86,6 +91,9 @@ def test_flop_formula_matches_xla_cost_analysis_of_the_forward_pass():
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   xla = cost["flops"] / batch
   formula = bench.flops_per_example(config, hwc, counts, batch)
-  assert formula["attention_logits"] == 2 * 2 * 2 * 436**2 * 64   # T = 15 * 29 + 1
+  if core == "vit":
+    assert formula["attention_logits"] == 2 * 2 * 2 * 436**2 * 64   # T = 15 * 29 + 1
+  else:   # 28 x 56 outputs of a 9x9 conv over 4 channels (behaviour tiled in), 64 filters
+    assert formula["conv_0"] == 2 * 28 * 56 * 4 * 81 * 64
   assert formula["total"] == pytest.approx(xla, rel=0.05)
   assert formula["total"] < xla   # the formula is the matmul part

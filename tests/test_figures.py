@@ -202,11 +202,11 @@ def test_synthetic_truth_of_the_tiny_preset(tiny_zips, tiny_data_dir):
 
 
 def test_summary_images_of_a_training_state(tiny_run):
-  from v1t_jax import train
+  from v1t_jax import checkpoints, train
   config, workdir = tiny_run
   trainer = train.setup(config)
-  _, best = train.checkpoint_managers(workdir)
-  state, _ = train.restore(best, trainer)
+  _, best = checkpoints.checkpoint_managers(workdir)
+  state, _ = checkpoints.restore(best, trainer)
   best.close()
   images = figures.summary_images(trainer, state, step=3, prefix="again/", num_images=1,
                                   num_neurons=2)

@@ -325,6 +325,39 @@ def test_export_round_trip(old):
     assert back[key].shape == sd[key].shape, key
 
 
+def test_stacked2d_checkpoint_round_trip():
+  """A CNN-core run: its state_dict (core keys as stacked2d.torch_keys, which test_stacked2d.py
+  checks against the original's module tree; BatchNorm running statistics included) loads into
+  a fresh model, which then predicts what the exported one did."""
+  cfg = ModelConfig(core="stacked2d", behavior_mode=1,
+                    stacked2d={"num_layers": 2, "hidden_channels": 4, "input_kern": 3,
+                               "hidden_kern": 3})
+  source, _ = build(cfg, seed=1)
+  rng = np.random.default_rng(0)
+  for layer in source.core.layers:   # running statistics away from their initial values
+    layer.norm.mean[...] = rng.normal(size=4).astype(np.float32)
+    layer.norm.var[...] = rng.uniform(0.5, 2.0, size=4).astype(np.float32)
+  sd = import_torch.export_state_dict(source, ["S1", "A"])
+  assert "core.features.layer1.ds_conv.spatial_conv.weight" in sd
+  assert sd["core.features.layer0.norm.running_var"].shape == (4,)
+  assert sd["core.gamma_input"] == np.float32(6.3831)
+  target, _ = build(cfg, seed=2)   # other parameters and coordinates
+  report = import_torch.import_state_dict(target, sd, check_source_grid=False)
+  assert "core.gamma_input" in report["buffers_ignored"]
+  images, behavior, pupil = (jnp.asarray(x) for x in inputs())
+  want, _ = source(images, behavior, pupil, train=False)
+  got, _ = target(images, behavior, pupil, train=False)
+  for m, n in enumerate(COUNTS):   # real neurons (padded rows are arbitrary)
+    np.testing.assert_allclose(got[m, :, :n], want[m, :, :n], rtol=1e-6, atol=1e-6)
+  args = {"core": "stacked2d", "behavior_mode": 1, "num_layers": 3, "core_reg_input": 2.0,
+          "dropout": 0.1}
+  overrides = import_torch.config_overrides(args, data_dir="d", mice=["S1"])
+  assert overrides["model.core"] == "stacked2d"
+  assert overrides["model.stacked2d.num_layers"] == 3
+  assert overrides["model.stacked2d.dropout"] == 0.1
+  ModelConfig.from_config(import_torch.config_from_overrides(overrides).model)
+
+
 def test_broken_checkpoints_list_every_offender():
   cfg = ModelConfig(**TINY, behavior_mode=3)
   model, coords = build(cfg)
@@ -398,7 +431,7 @@ input_shape: !!python/tuple [1, 36, 64]
   assert config.data.batch_size == 16 and config.data.mice == ("S1", "A")
   assert config.data.data_dir == os.path.abspath("d")
   ModelConfig.from_config(config.model)   # a valid model config
-  with pytest.raises(ValueError, match="--core 'stn' is not importable"):
+  with pytest.raises(ValueError, match="--core 'stn' is not importable \\(--core vit or stacked2d"):
     import_torch.config_overrides(dict(args, core="stn"), data_dir="d", mice=["S1"])
   with pytest.raises(ValueError, match="image shifter"):
     ModelConfig.from_config(import_torch.config_from_overrides(import_torch.config_overrides(
@@ -530,7 +563,7 @@ def correlation(pred_TxN, target_TxN):
 
 
 def test_cli_import_then_evaluate(tiny_data_dir, tmp_path):
-  from v1t_jax import input_pipeline, train
+  from v1t_jax import checkpoints, input_pipeline, train
 
   mice = dataset_meta.resolve_mice(tiny_data_dir)
   names = [m.name for m in mice]
@@ -568,8 +601,8 @@ def test_cli_import_then_evaluate(tiny_data_dir, tmp_path):
 
   # The restored checkpoint predicts what the spec's formulas give on the torch weights.
   trainer = train.setup(config)
-  latest, best = train.checkpoint_managers(workdir)
-  state, meta = train.restore(best, trainer)
+  latest, best = checkpoints.checkpoint_managers(workdir)
+  state, meta = checkpoints.restore(best, trainer)
   latest.close(), best.close()
   assert meta["run"]["mice"][0]["name"] == names[0] and meta["imported_from"]["checkpoint"]
   ds, _ = input_pipeline.eval_dataset(trainer.mice, "validation", config.data)

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from configs import synthetic
-from v1t_jax import train
+from v1t_jax import checkpoints, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,7 +50,7 @@ def test_sigkill_during_checkpoint_write_then_resume(tiny_data_dir, tmp_path):
   config = synthetic.get_config("tiny")
   config.data.data_dir = tiny_data_dir
   trainer = train.setup(config)
-  latest, best = train.checkpoint_managers(workdir)
+  latest, best = checkpoints.checkpoint_managers(workdir)
   interrupted_at = latest.latest_step()
   latest.close(), best.close()
   assert interrupted_at is not None and interrupted_at < int(partial.split(".")[0]), partial
@@ -62,9 +62,9 @@ def test_sigkill_during_checkpoint_write_then_resume(tiny_data_dir, tmp_path):
   train.train_and_evaluate(config, reference)
   states = []
   for run in (workdir, reference):
-    latest, best = train.checkpoint_managers(run)
+    latest, best = checkpoints.checkpoint_managers(run)
     assert latest.latest_step() == 9
-    states.append(train.restore(latest, trainer)[0])
+    states.append(checkpoints.restore(latest, trainer)[0])
     latest.close(), best.close()
   for a, b in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1])):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)

@@ -63,6 +63,7 @@ def test_config_defaults_match_configs_default():
     ("patch_mode", 2, r"not ported"),
     ("compute_dtype", "float16", r"compute_dtype must be one of \('float32', 'bfloat16'\)"),
     ("attention", "flash", r"attention must be one of \('explicit', 'fused'\)"),
+    ("core", "resnet", r"core must be one of \('vit', 'stacked2d'\)"),
 ])
 def test_invalid_modes_raise_value_error_listing_allowed_values(field, value, message):
   with pytest.raises(ValueError, match=message):
@@ -102,6 +103,28 @@ def test_parameter_counts_match_original(behavior_mode, core):
     assert counts["total"] == 9_953_334
   assert [160 * n + 152 for n in SENSORIUM_PLUS_NEURONS] == [
       1_206_232, 1_339_672, 1_175_192, 1_173_592, 1_297_272, 1_295_832]
+
+
+def test_stacked2d_core_counts_and_behavior_modes():
+  """The CNN core behind the same readouts: its default count (stacked2d.py's test derives
+  40,256 by hand), 3 more input channels with behaviour as channels, readouts of width 64."""
+  counts = SENSORIUM_PLUS_NEURONS
+  coordinates = np.random.default_rng(0).normal(size=(6, max(counts), 3))
+  for mode, core in ((0, 40_256), (1, 40_256 + 3 * 64 * 81)):
+    config = v1t_model.ModelConfig(core="stacked2d", behavior_mode=mode)
+    model = nnx.eval_shape(lambda config=config: v1t_model.V1T(
+        config, neuron_counts=counts, coordinates=coordinates, rngs=nnx.Rngs(0)))
+    got = v1t_model.count_parameters(model)
+    assert got["core"] == core
+    assert got["readouts"] == sum((64 + 5) * n + 152 for n in counts)
+    assert model.core.output_shape == (28, 56, 64)
+  with pytest.raises(ValueError, match="core='stacked2d' takes behavior_mode 0 or 1, got 3"):
+    v1t_model.ModelConfig(core="stacked2d")
+  model = tiny_model(core="stacked2d", behavior_mode=0,
+                     stacked2d={"num_layers": 2, "hidden_channels": 4, "input_kern": 3,
+                                "hidden_kern": 3})
+  with pytest.raises(ValueError, match="the stacked2d core has no attention maps"):
+    model(*tiny_inputs(), train=False, return_attention=True)
 
 
 # ---------------------------------------------------------------------------------------------

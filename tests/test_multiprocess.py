@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from configs import synthetic
-from v1t_jax import input_pipeline, train
+from v1t_jax import checkpoints, input_pipeline, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -83,9 +83,9 @@ def test_two_processes_train_like_one(tiny_data_dir, tmp_path):
   assert all(np.isfinite(losses))
 
   # Their checkpoint restores in one process and holds the same parameters.
-  latest, best = train.checkpoint_managers(workdir)
+  latest, best = checkpoints.checkpoint_managers(workdir)
   assert latest.latest_step() == 3
-  restored, meta = train.restore(latest, trainer)
+  restored, meta = checkpoints.restore(latest, trainer)
   latest.close(), best.close()
   assert meta["epoch"] == 1
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):

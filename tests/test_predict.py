@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import synthetic
-from v1t_jax import input_pipeline, predict, train
+from v1t_jax import checkpoints, input_pipeline, predict, train
 
 MICE = ["90001-1-1", "90002-2-3", "90003-4-5"]
 
@@ -27,8 +27,8 @@ def make_tiny_run(tmp_path_factory, data_dir):
   trainer = train.setup(config)
   if not (workdir / "best").exists():
     state = trainer.init_state(config.seed)
-    latest, best = train.checkpoint_managers(str(workdir))
-    train.save(best, state, {"step": 1, "epoch": 1, "plateau": {}, "run": trainer.run_info})
+    latest, best = checkpoints.checkpoint_managers(str(workdir))
+    checkpoints.save(best, state, {"step": 1, "epoch": 1, "plateau": {}, "run": trainer.run_info})
     best.wait_until_finished()
     latest.close(), best.close()
   return str(workdir), trainer
@@ -56,8 +56,8 @@ def predictor(run):
 
 def test_predictions_equal_the_training_evaluation(run, predictor, tiny_zips):
   workdir, trainer = run
-  latest, best = train.checkpoint_managers(workdir)
-  state, _ = train.restore(best, trainer)
+  latest, best = checkpoints.checkpoint_managers(workdir)
+  state, _ = checkpoints.restore(best, trainer)
   latest.close(), best.close()
   ds, _ = input_pipeline.eval_dataset(trainer.mice, "test", trainer.config.data)
   expected = {m: [] for m in range(3)}

@@ -12,7 +12,7 @@ import sys
 import pytest
 from test_train import tiny_config  # the tiny run's config, one home
 
-from v1t_jax import train
+from v1t_jax import checkpoints, progress, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,8 +31,8 @@ def test_damaged_latest_checkpoint_is_named_moved_and_an_older_one_resumed(
   ckpts = os.path.join(one_epoch_copy, "checkpoints")
   for path in glob.glob(os.path.join(ckpts, "3", "state", "**", "d", "*"), recursive=True):
     truncate(path)   # the arrays' data files, cut in half
-  latest, best = train.checkpoint_managers(one_epoch_copy)
-  state, meta = train.restore_newest_intact(latest, trainer, one_epoch_copy)
+  latest, best = checkpoints.checkpoint_managers(one_epoch_copy)
+  state, meta = checkpoints.restore_newest_intact(latest, trainer, one_epoch_copy)
   said = capsys.readouterr().out
   assert meta["step"] == 2 and int(state["step"]) == 2
   assert f"checkpoint {ckpts}/3 is damaged (" in said
@@ -51,10 +51,10 @@ def test_damaged_latest_checkpoint_is_named_moved_and_an_older_one_resumed(
   # Every checkpoint damaged (here: a metadata file removed): stop, name each, move nothing.
   for step in ("2", "3"):
     os.remove(os.path.join(ckpts, step, "meta", "metadata"))
-  latest, best = train.checkpoint_managers(one_epoch_copy)
-  with pytest.raises(train.RunError, match=r"no intact checkpoint to resume from \("
+  latest, best = checkpoints.checkpoint_managers(one_epoch_copy)
+  with pytest.raises(checkpoints.RunError, match=r"no intact checkpoint to resume from \("
                      rf"{ckpts}/3: FileNotFoundError.*; {ckpts}/2: FileNotFoundError"):
-    train.restore_newest_intact(latest, trainer, one_epoch_copy)
+    checkpoints.restore_newest_intact(latest, trainer, one_epoch_copy)
   assert sorted(os.listdir(ckpts)) == ["2", "3"]
   latest.close(), best.close()
 
@@ -67,13 +67,13 @@ def test_a_nan_checkpoint_of_an_older_version_counts_as_damaged(tiny_data_dir, o
   config = tiny_config(tiny_data_dir, num_epochs=1, checkpoint_every_steps=1)
   config.train.progress_every_s = 0.0
   trainer = train.setup(config)
-  latest, best = train.checkpoint_managers(one_epoch_copy)
-  state, meta = train.restore(latest, trainer, 3)
+  latest, best = checkpoints.checkpoint_managers(one_epoch_copy)
+  state, meta = checkpoints.restore(latest, trainer, 3)
   state["params"] = jax.tree.map(lambda x: x * np.nan, state["params"])
-  train.save(latest, state, dict(meta, step=4))
+  checkpoints.save(latest, state, dict(meta, step=4))
   latest.wait_until_finished()
   assert latest.all_steps() == [3, 4]
-  _, meta = train.restore_newest_intact(latest, trainer, one_epoch_copy)
+  _, meta = checkpoints.restore_newest_intact(latest, trainer, one_epoch_copy)
   assert meta["step"] == 3 and latest.all_steps() == [3]
   assert "checkpoints/4 is damaged (it holds NaN/inf values); moved it to " in (
       capsys.readouterr().out)
@@ -97,14 +97,14 @@ def test_evaluate_without_a_checkpoint_says_so_in_one_line(tiny_zips, tiny_data_
 
   config = tiny_config(tiny_data_dir)
   config.eval.step = 7
-  with pytest.raises(train.RunError, match=r"--config.eval.step=7: no such checkpoint in .*"
+  with pytest.raises(checkpoints.RunError, match=r"--config.eval.step=7: no such checkpoint in .*"
                      r"checkpoints \(there: 2, 3\)"):
     train.evaluate_checkpoint(config, one_epoch_copy)
   config.eval.step = None
   for path in glob.glob(os.path.join(one_epoch_copy, "best", "3", "state", "**", "d", "*"),
                         recursive=True):
     truncate(path)
-  with pytest.raises(train.RunError, match=f"checkpoint {one_epoch_copy}/best/3 is damaged"):
+  with pytest.raises(checkpoints.RunError, match=f"checkpoint {one_epoch_copy}/best/3 is damaged"):
     train.evaluate_checkpoint(config, one_epoch_copy)
 
 
@@ -113,14 +113,14 @@ def test_resume_with_another_model_or_batch_size_names_the_fields(tiny_data_dir,
   ckpt = f"{one_epoch_copy}/checkpoints/3"
   config = tiny_config(tiny_data_dir, num_epochs=2)
   config.model.emb_dim = 8
-  with pytest.raises(train.RunError) as error:
+  with pytest.raises(checkpoints.RunError) as error:
     train.train_and_evaluate(config, one_epoch_copy)
   assert str(error.value) == (
       f"{ckpt} holds another model than this config (model.emb_dim 16 -> 8); resume with the "
       "checkpoint's values or use another --workdir")
   config = tiny_config(tiny_data_dir, num_epochs=2)
   config.data.batch_size = 8
-  with pytest.raises(train.RunError, match=rf"^{ckpt} was trained with other step settings "
+  with pytest.raises(checkpoints.RunError, match=rf"^{ckpt} was trained with other step settings "
                      r"\(data.batch_size 4 -> 8\): its step counter"):
     train.train_and_evaluate(config, one_epoch_copy)
   assert not os.path.exists(os.path.join(one_epoch_copy, "damaged_checkpoints"))   # not "damage"
@@ -131,8 +131,8 @@ def test_resume_with_another_model_or_batch_size_names_the_fields(tiny_data_dir,
                        figures_every_epochs=1)
   config.train.progress_every_s = 0.0
   config.model.t_dropout = 0.0
-  latest, best = train.checkpoint_managers(one_epoch_copy)
-  _, meta = train.restore_newest_intact(latest, train.setup(config), one_epoch_copy)
+  latest, best = checkpoints.checkpoint_managers(one_epoch_copy)
+  _, meta = checkpoints.restore_newest_intact(latest, train.setup(config), one_epoch_copy)
   latest.close(), best.close()
   assert meta["step"] == 3
   assert capsys.readouterr().out.splitlines()[-1] == (
@@ -142,8 +142,8 @@ def test_resume_with_another_model_or_batch_size_names_the_fields(tiny_data_dir,
 
 HOLD_THE_LOCK = """
 import sys, time
-from v1t_jax import train
-with train.workdir_lock(sys.argv[1]):
+from v1t_jax import checkpoints
+with checkpoints.workdir_lock(sys.argv[1]):
   print("held", flush=True)
   time.sleep(300)
 """
@@ -157,7 +157,7 @@ def test_second_trainer_on_a_workdir_is_refused_and_a_killed_ones_lock_is_free(
                             stdout=subprocess.PIPE, text=True)
   try:
     assert holder.stdout.readline() == "held\n"
-    with pytest.raises(train.RunError, match=rf"^{workdir} is in use by another training run "
+    with pytest.raises(checkpoints.RunError, match=rf"^{workdir} is in use by another training run "
                        rf"\(pid {holder.pid} on .+\); wait for it to end, or use another"):
       train.train_and_evaluate(tiny_config(tiny_data_dir), workdir)
     assert sorted(os.listdir(workdir)) == [".lock"]   # refused before anything was written
@@ -167,10 +167,10 @@ def test_second_trainer_on_a_workdir_is_refused_and_a_killed_ones_lock_is_free(
   assert os.path.exists(os.path.join(workdir, ".lock"))
   # Free again (the kernel released the dead one's lock); a second open file in this process
   # conflicts too.
-  with train.workdir_lock(workdir), pytest.raises(train.RunError, match="is in use by another"), \
-      train.workdir_lock(workdir):
+  with checkpoints.workdir_lock(workdir), pytest.raises(checkpoints.RunError, match="is in use by another"), \
+      checkpoints.workdir_lock(workdir):
     pass
-  with train.workdir_lock(workdir):   # released on exit
+  with checkpoints.workdir_lock(workdir):   # released on exit
     pass
 
 
@@ -189,15 +189,15 @@ def test_progress_lines_during_epochs_and_evaluation(one_epoch_run):
   now = [100.0]
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
-    progress = train.Progress("epoch 2/5", 100, done=10, every_s=30, clock=lambda: now[0])
+    line = progress.Progress("epoch 2/5", 100, done=10, every_s=30, clock=lambda: now[0])
     printed = []
     for done in range(11, 101):
       now[0] += 0.5   # 2 steps/s
-      printed.append(progress(done))
+      printed.append(line(done))
   lines = out.getvalue().splitlines()
   assert sum(printed) == len(lines) == 1   # 45 s in all: one line, at 30 s
   assert lines[0] == "epoch 2/5: step 70/100 (70%), 2 steps/s, ETA 0:00:15"
-  assert train._duration(float("inf")) == "?" and train._duration(3725.4) == "1:02:05"
+  assert progress.duration(float("inf")) == "?" and progress.duration(3725.4) == "1:02:05"
 
 
 def test_a_nan_stop_makes_launch_train_fail(tiny_zips, tiny_data_dir, one_epoch_copy):

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from configs import synthetic
-from v1t_jax import figures, input_pipeline, train
+from v1t_jax import checkpoints, evaluation, figures, input_pipeline, train
+from v1t_jax.model import build_model
 
 
 def tiny_config(data_dir, **train_overrides):
@@ -44,8 +45,8 @@ def test_train_interrupt_resume_and_evaluate(tiny_data_dir, tmp_path, capsys):
   assert list(saved["test"]["single_trial_correlation"]) == ["90003-4-5"]
   assert all(np.isfinite(v) for v in saved["validation"]["single_trial_correlation"].values())
   trainer = train.setup(config)
-  latest, best = train.checkpoint_managers(workdir)
-  uninterrupted = leaves(train.restore(latest, trainer, 6)[0])
+  latest, best = checkpoints.checkpoint_managers(workdir)
+  uninterrupted = leaves(checkpoints.restore(latest, trainer, 6)[0])
   latest.close(), best.close()
   logged = {tag: figures.read_scalars(workdir)[tag] for tag in ("train/loss", "train/poisson")}
 
@@ -54,8 +55,8 @@ def test_train_interrupt_resume_and_evaluate(tiny_data_dir, tmp_path, capsys):
   shutil.copytree(workdir, killed)
   shutil.rmtree(os.path.join(killed, "checkpoints", "6"))
   train.train_and_evaluate(config, killed)
-  latest, best = train.checkpoint_managers(killed)
-  resumed, meta = train.restore(latest, trainer, 6)
+  latest, best = checkpoints.checkpoint_managers(killed)
+  resumed, meta = checkpoints.restore(latest, trainer, 6)
   latest.close(), best.close()
   assert meta["epoch"] == 2
   for a, b in zip(uninterrupted, leaves(resumed)):
@@ -77,7 +78,7 @@ def test_train_interrupt_resume_and_evaluate(tiny_data_dir, tmp_path, capsys):
   assert again["checkpoint_step"] == result["checkpoint_step"]
   np.testing.assert_allclose(again["validation"]["single_trial_correlation_average"],
                              result["validation"]["single_trial_correlation_average"], rtol=1e-6)
-  table = train.metrics_table(again["metrics"]).splitlines()
+  table = evaluation.metrics_table(again["metrics"]).splitlines()
   assert table[0].split() == ["validation", "(3", "mice,", "averaged)", "model"]
   assert table.index("test (1 mouse, averaged)             model") == 3   # no truth: no oracle
   assert float(table[4].split()[1]) == pytest.approx(
@@ -89,14 +90,14 @@ def test_metrics_table_puts_the_oracle_and_the_ratio_next_to_the_model():
                                                     "correlation_to_average": 0.555, "feve": None}},
              "oracle": {"test": {"average": {"single_trial_correlation": 0.5,
                                              "correlation_to_average": 0.8, "feve": None}}}}
-  assert train.metrics_table(metrics).splitlines() == [
+  assert evaluation.metrics_table(metrics).splitlines() == [
       "test (2 mice, averaged)              model  oracle  ratio",
       "  single_trial_correlation           0.321   0.500  0.64x",
       "  correlation_to_average             0.555   0.800  0.69x"]
   # No ratio to a ceiling <= 0: -1.5 / -0.04 is not "36.70x".
   metrics["test"]["average"]["feve"] = -1.5
   metrics["oracle"]["test"]["average"]["feve"] = -0.04
-  assert train.metrics_table(metrics).splitlines()[-1] == (
+  assert evaluation.metrics_table(metrics).splitlines()[-1] == (
       "  feve                              -1.500  -0.040")
 
 
@@ -129,12 +130,12 @@ def test_microbatched_gradients_equal_whole_batch_gradients(tiny_data_dir):
   batch = next(iter(input_pipeline.as_numpy(input_pipeline.train_dataset(mice, config.data))))
   batch["valid"][1, -1] = False   # a padded trial: ds_scale must count the step's real trials
   batch = {k: jax.numpy.asarray(v) for k, v in batch.items()}
-  model = train.build_model(config, mice, (36, 64, 1), 0)
+  model = build_model(config, mice, (36, 64, 1), 0)
   n_train = (100.0, 200.0, 300.0)
   (total, aux), expected = jax.jit(nnx.value_and_grad(
       lambda m: losses.objective(m, batch, n_train, train=True, key=jax.random.key(0)),
       has_aux=True))(model)
-  grads, poisson, reg = jax.jit(train.accumulated_grads, static_argnums=(3, 4))(
+  grads, poisson, reg, _ = jax.jit(train.accumulated_grads, static_argnums=(3, 4))(
       model, batch, jax.random.key(0), n_train, 2)
   np.testing.assert_allclose(poisson, aux["poisson"], rtol=1e-5)
   np.testing.assert_allclose(reg, aux["reg"], rtol=1e-6)
@@ -213,12 +214,12 @@ def test_pretrained_core_is_loaded_and_frozen(tiny_data_dir, tmp_path, one_epoch
   second = str(tmp_path / "second")
   train.train_and_evaluate(config, second)
   trainer = train.setup(tiny_config(tiny_data_dir))
-  latest, best = train.checkpoint_managers(first)
-  pretrained, _ = train.restore(best, trainer)
+  latest, best = checkpoints.checkpoint_managers(first)
+  pretrained, _ = checkpoints.restore(best, trainer)
   latest.close(), best.close()
   trainer2 = train.setup(config)
-  latest, best = train.checkpoint_managers(second)
-  final, _ = train.restore(latest, trainer2)
+  latest, best = checkpoints.checkpoint_managers(second)
+  final, _ = checkpoints.restore(latest, trainer2)
   initial = trainer2.init_state(config.seed)
   latest.close(), best.close()
   for a, b in zip(leaves(pretrained["params"]["core"]), leaves(final["params"]["core"])):
@@ -272,10 +273,10 @@ def test_a_nan_state_is_never_saved(tiny_data_dir, one_epoch_copy):
   config = tiny_config(tiny_data_dir, num_epochs=3, checkpoint_every_steps=1, lr=1e38)
   result = train.train_and_evaluate(config, workdir)
   trainer = train.setup(config)
-  latest, best = train.checkpoint_managers(workdir)
+  latest, best = checkpoints.checkpoint_managers(workdir)
   steps = latest.all_steps()
   for step in steps:
-    state, _ = train.restore(latest, trainer, step)
+    state, _ = checkpoints.restore(latest, trainer, step)
     assert all(np.isfinite(x).all() for x in leaves((state["params"], state["opt_state"])))
   latest.close(), best.close()
   assert steps == [3, 4]   # step 4 (params ~1e38) is finite; step 5 is not, and is not saved
@@ -285,6 +286,45 @@ def test_a_nan_state_is_never_saved(tiny_data_dir, one_epoch_copy):
   assert result["checkpoint_step"] == 3   # the best state is still evaluated
   # The jitted check itself, on an independent reference.
   tree = {"a": np.ones(3, np.float32), "n": np.int32(7), "b": np.array([1.0, np.inf])}
-  assert not train.state_is_finite({"params": tree, "opt_state": ()})
+  assert not checkpoints.state_is_finite({"params": tree, "opt_state": ()})
   tree["b"][1] = 0.0
-  assert train.state_is_finite({"params": tree, "opt_state": ()})
+  assert checkpoints.state_is_finite({"params": tree, "opt_state": ()})
+
+
+def test_batchnorm_statistics_update_in_training_and_serve_evaluation(tiny_data_dir):
+  """The train step returns the statistics its forward pass computed (the same as the core's own
+  training call, whose BatchNorm equals PyTorch's: test_stacked2d.py), and evaluation uses them."""
+  from configs import synthetic_cnn
+  from flax import nnx
+
+  from v1t_jax.model import tile_behavior
+  config = synthetic_cnn.get_config("tiny")
+  config.data.data_dir = tiny_data_dir
+  trainer = train.setup(config)
+  state = trainer.init_state(0)
+  batch = trainer.device_batch(next(iter(input_pipeline.as_numpy(
+      input_pipeline.train_dataset(trainer.mice, config.data)))))
+  # Host copies: merge shares Variables with the state (an eager call would update them), and
+  # the train step donates the state.
+  params, buffers = jax.tree.map(np.array, (state["params"], state["buffers"]))
+  model = nnx.merge(trainer.graphdef, *jax.tree.map(np.array, (params, buffers)))
+  assert np.all(model.core.layers[0].norm.mean[...] == 0.0)
+  # The core's own training call on the step's input (behaviour tiled as image channels).
+  model.core(tile_behavior(batch["image"], batch["behavior"]), None, train=True,
+             key=jax.random.key(0))
+  expected = [(np.asarray(layer.norm.mean[...]), np.asarray(layer.norm.var[...]))
+              for layer in model.core.layers]
+  new, _ = trainer.train_step(state, batch, jax.random.key(0), jax.numpy.float32(1.0))
+  stepped = nnx.merge(trainer.graphdef, new["params"], new["buffers"])
+  for layer, (mean, var) in zip(stepped.core.layers, expected, strict=True):
+    np.testing.assert_allclose(layer.norm.mean[...], mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(layer.norm.var[...], var, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(expected[0][0], 0.0)
+  # Evaluation normalises with the running statistics: it equals an eval-mode forward of the
+  # stepped model, and that differs from the same parameters with the initial statistics.
+  out = trainer.eval_step(new["params"], new["buffers"], batch)
+  inputs = (batch["image"], batch["behavior"], batch["pupil_center"])
+  pred, _ = stepped(*inputs, train=False)
+  np.testing.assert_allclose(out["pred"], pred, rtol=1e-5, atol=1e-6)
+  initial = nnx.merge(trainer.graphdef, new["params"], buffers)
+  assert not np.allclose(initial(*inputs, train=False)[0], pred, atol=1e-3)

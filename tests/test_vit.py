@@ -209,7 +209,9 @@ def test_core_equals_numpy_spec_in_evaluation(use_lsa):
   images = rng.normal(size=(1, 3, 12, 16, 1)).astype(np.float32)
   behavior = rng.normal(size=(1, 3, 5)).astype(np.float32)
   with jax.default_matmul_precision("float32"):
-    feat, probs = core(jnp.asarray(images), jnp.asarray(behavior), key=None, return_attention=True)
+    feat, extras = core(jnp.asarray(images), jnp.asarray(behavior), train=False, key=None,
+                        return_attention=True)
+  probs = extras["attention"]
   expected, expected_probs = numpy_core(core_params(core), images[0], behavior[0], None,
                                         heads=2, patch=4, lsa_scales=lsa)
   np.testing.assert_allclose(feat[0], expected, rtol=1e-4, atol=1e-5)
@@ -225,7 +227,7 @@ def test_core_equals_numpy_spec_in_training_given_the_masks(recorded_masks, path
   images = rng.normal(size=(1, 4, 12, 16, 1)).astype(np.float32)
   behavior = rng.normal(size=(1, 4, 5)).astype(np.float32)
   with jax.default_matmul_precision("float32"):
-    feat, _ = core(jnp.asarray(images), jnp.asarray(behavior), key=jax.random.key(3))
+    feat, _ = core(jnp.asarray(images), jnp.asarray(behavior), train=True, key=jax.random.key(3))
   # The embedding mask uses p_dropout, the rest t_dropout: give them equal rates here.
   masks = list(recorded_masks)
   assert len(masks) == 1 + 2 * (4 + 2 * (path_rate > 0))
@@ -258,7 +260,8 @@ def test_remat_policies_change_memory_not_results():
     graphdef, params, rest = nnx.split(tiny_core(remat=remat, patch_stride=2), nnx.Param, ...)
 
     def loss(params, graphdef=graphdef, rest=rest):
-      feat, _ = nnx.merge(graphdef, params, rest)(images, behavior, key=jax.random.key(2))
+      feat, _ = nnx.merge(graphdef, params, rest)(images, behavior, train=True,
+                                                  key=jax.random.key(2))
       return jnp.sum(feat**2)
 
     results[remat] = jax.jit(jax.value_and_grad(loss))(params)
@@ -304,8 +307,11 @@ def test_dropout_and_drop_path():
 
 def test_core_shapes_batch_order_and_train_randomness():
   core = tiny_core()
-  run = nnx.jit(lambda core, images, behavior, key: core(images, behavior, key=key,
-                                                          return_attention=key is None))
+  def call(core, images, behavior, key):
+    feat, extras = core(images, behavior, train=key is not None, key=key,
+                        return_attention=key is None)
+    return feat, extras.get("attention")
+  run = nnx.jit(call)
   images = jax.random.normal(jax.random.key(0), (2, 3, 12, 16, 1))
   behavior = jax.random.normal(jax.random.key(1), (2, 3, 5))
   feat, probs = run(core, images, behavior, None)

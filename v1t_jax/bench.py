@@ -168,6 +168,8 @@ def flops_per_example(model_cfg, image_shape: Sequence[int], neuron_counts: Sequ
   height, width, channels = image_shape
   if model_cfg.behavior_mode == 1:
     channels += v1t_model.NUM_BEHAVIOR
+  if model_cfg.core == "stacked2d":
+    return stacked2d_flops(model_cfg, (height, width, channels), neuron_counts, batch_size)
   rows, cols = vit.patch_grid((height, width), model_cfg.patch_size, model_cfg.patch_stride)
   return flops_by_part(
       patches=rows * cols, channels=channels, patch_size=model_cfg.patch_size,
@@ -176,6 +178,32 @@ def flops_per_example(model_cfg, image_shape: Sequence[int], neuron_counts: Sequ
       shifter=model_cfg.shift_mode == 2, n_max=max(neuron_counts),
       grid_predictor_dim=None if model_cfg.disable_grid_predictor else model_cfg.grid_predictor_dim,
       batch_size=batch_size)
+
+
+def stacked2d_flops(model_cfg, image_shape: Sequence[int], neuron_counts: Sequence[int],
+                    batch_size: int) -> dict[str, float]:
+  """`flops_per_example` of the CNN core: 2 per multiply-add of every convolution (a
+  depth-separable layer: 1x1, depthwise kxk, 1x1), plus the same readouts and shifter."""
+  cfg = model_cfg.stacked2d
+  height, width, channels = image_shape
+  c = cfg.hidden_channels
+  pad0 = cfg.input_kern // 2 if cfg.pad_input else 0
+  h, w = height + 2 * pad0 - cfg.input_kern + 1, width + 2 * pad0 - cfg.input_kern + 1
+  out = {"conv_0": 2.0 * h * w * channels * cfg.input_kern**2 * c}
+  for layer, kern in enumerate(cfg.hidden_kerns, start=1):
+    span = cfg.hidden_dilation * (kern - 1) + 1
+    h, w = ((n + 2 * cfg.hidden_pad - span) // cfg.stride + 1 for n in (h, w))
+    c_in = c * (min(cfg.skip, layer) if cfg.skip > 1 else 1)
+    out[f"conv_{layer}"] = (2.0 * h * w * (c_in * c + c * kern**2 + c * c) if cfg.depth_separable
+                            else 2.0 * h * w * c_in * c * kern**2)
+  c_out = c * len(cfg.stacked_layers)
+  n_max = max(neuron_counts)
+  out["readout"] = 2.0 * 5 * n_max * c_out
+  out["shifter"] = 2.0 * (2 * 5 + 5 * 5 + 5 * 2) if model_cfg.shift_mode == 2 else 0.0
+  if not model_cfg.disable_grid_predictor:
+    out["grid_predictor"] = 2.0 * n_max * (model_cfg.grid_predictor_dim * 30 + 30 * 2) / batch_size
+  out["total"] = sum(out.values())
+  return out
 
 
 def flops_by_part(*, patches: int, channels: int, patch_size: int, emb_dim: int, num_heads: int,
@@ -442,6 +470,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 
   import flax
   import jax
+
+  from v1t_jax import model as v1t_model
   from v1t_jax import train
 
   config = apply_overrides(load_config(args.config), args.set)
@@ -452,7 +482,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   hwc = image_hwc(config, args.channels)
   stand_ins = stand_in_mice(counts, hwc, args.n_train, args.seed)
   trainer = train.Trainer(config, stand_ins, train.make_mesh(), hwc)
-  model_cfg = train.model_config(config)
+  model_cfg = v1t_model.model_config(config)
   flops = flops_per_example(model_cfg, hwc, counts, batch_size)
   batch = synthetic_batch(counts, batch_size, hwc, args.seed)
   device = jax.devices()[0]

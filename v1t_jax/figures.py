@@ -354,7 +354,7 @@ class MouseTier:
   recorded: np.ndarray            # [trials, N]
   predicted: np.ndarray           # [trials, N]
   images: np.ndarray              # [k, H, W, C] the first k trials of the tier
-  heatmaps: np.ndarray            # [k, H, W] their attention rollout
+  heatmaps: np.ndarray | None     # [k, H, W] their attention rollout (None: core without)
   trials: np.ndarray              # [k] trial ids (file numbers in the source zip)
   image_ids: np.ndarray           # [k]
   oracle: np.ndarray | None = None   # [trials, N] noise-free truth of the tier (synthetic data)
@@ -417,7 +417,8 @@ def collect_tier(predictor, mice, tier: str, num_images: int,
       continue   # an empty tier for this mouse
     image, behavior, pupil, trial, image_id = (np.concatenate(x) for x in zip(*rows[m]["first"]))
     heat = []
-    for i in range(len(image)):   # one image at a time: attention is [L, H, T, T] per image
+    for i in range(len(image) if getattr(predictor.model.core, "has_attention", False) else 0):
+      # one image at a time: attention is [L, H, T, T] per image
       _, attention = predictor.predict_model_inputs(
           meta.name, image[i:i + 1], behavior[i:i + 1], pupil[i:i + 1], batch_size=1,
           return_attention=True)
@@ -426,7 +427,7 @@ def collect_tier(predictor, mice, tier: str, num_images: int,
     oracle = None if rates is None else rates[np.concatenate(rows[m]["trial"])]
     out.append(MouseTier(meta.name, predictor.neuron_ids(meta.name),
                          np.concatenate(rows[m]["recorded"]), np.concatenate(rows[m]["predicted"]),
-                         image, np.stack(heat), trial, image_id, oracle))
+                         image, np.stack(heat) if heat else None, trial, image_id, oracle))
   return out
 
 
@@ -441,8 +442,12 @@ def tier_figures(tiers: Sequence[MouseTier], tier: str, num_neurons: int,
   figs = {}
   for t in tiers:
     titles = [f"{t.name}  trial {tr}  (image {im})" for tr, im in zip(t.trials, t.image_ids)]
-    figs[f"rollout/{t.name}"] = plot_rollout(
-        t.images, t.heatmaps, titles, f"Attention rollout, mouse {t.name} ({tier})")
+    if t.heatmaps is None:
+      if skipped is not None:
+        skipped[f"rollout/{t.name}"] = "the model's core has no attention maps"
+    else:
+      figs[f"rollout/{t.name}"] = plot_rollout(
+          t.images, t.heatmaps, titles, f"Attention rollout, mouse {t.name} ({tier})")
     corr = t.correlations
     best = best_neurons(corr, num_neurons)
     best = best[np.isfinite(corr[best])]
@@ -501,7 +506,7 @@ def model_figures(predictor, mice=None, *, tier: str = "validation", num_images:
   if colors is not None:   # a mouse without responses in this tier: all grey
     colors = {name: colors.get(name, np.full(len(xy), np.nan)) for name, xy in positions.items()}
   figs["readout_positions"] = plot_readout_positions(
-      positions, model.core.map_hw, colors, f"{tier} single-trial correlation")
+      positions, model.core.output_shape[:2], colors, f"{tier} single-trial correlation")
   return figs
 
 
@@ -521,8 +526,8 @@ def summary_images(trainer, state: dict, *, step: int, prefix: str = "figures/",
                    num_neurons: int = 4) -> dict[str, np.ndarray]:
   """TensorBoard images of a training run's state: {prefix + name: uint8 [1, H, W, 3]}.
 
-  For `writer.write_images(step, summary_images(trainer, state, step=step))` in train.py
-  (clu refuses a second write of one tag at one step: give the final figures another prefix).
+  For `writer.write_images(step, summary_images(trainer, state, step=step))` (write_summary;
+  clu refuses a second write of one tag at one step: give the final figures another prefix).
   The state is copied onto one device (the Predictor runs unsharded) and not modified. Single
   process only: the input pipeline would give each process only its slice of the tier.
   """
@@ -536,6 +541,20 @@ def summary_images(trainer, state: dict, *, step: int, prefix: str = "figures/",
   figs = model_figures(predictor, trainer.mice, tier=tier, num_images=num_images,
                        num_neurons=num_neurons)
   return {prefix + name: to_rgb(fig)[None] for name, fig in figs.items()}
+
+
+def write_summary(writer, trainer, state: dict, step: int, *, prefix: str = "figures/",
+                  report=None):
+  """The training loop's figures hook (train.train_and_evaluate(figures=...)): summary_images
+  written to TensorBoard; skipped on several processes, where the input pipeline gives each
+  process only its slice of the validation tier."""
+  import contextlib
+
+  import jax
+  if jax.process_count() > 1:
+    return
+  with report.timed("figures") if report is not None else contextlib.nullcontext():
+    writer.write_images(step, summary_images(trainer, state, step=step, prefix=prefix))
 
 
 class Written(list):

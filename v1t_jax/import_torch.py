@@ -156,8 +156,21 @@ def key_table(model, mouse_ids: Sequence[str], *, old_naming: bool = False) -> d
   config = model.config
   if len(mouse_ids) != len(model.neuron_counts):
     raise ValueError(f"{len(mouse_ids)} mouse ids for a model of {len(model.neuron_counts)} mice")
-  bias = not config.disable_bias
   table: dict[str, Entry] = {}
+  if config.core == "stacked2d":
+    from v1t_jax import stacked2d
+    for key, (path, kind) in stacked2d.torch_keys(config.stacked2d, prefix="core").items():
+      if kind != "skip":   # num_batches_tracked: unused while momentum is set
+        table[key] = Entry(("core",) + tuple(path), kind)
+  else:
+    _vit_keys(table, config, mouse_ids, old_naming)
+  _per_mouse_keys(table, model, mouse_ids)
+  return table
+
+
+def _vit_keys(table: dict, config, mouse_ids: Sequence[str], old_naming: bool):
+  """The ViT core's keys (model_spec.md §10)."""
+  bias = not config.disable_bias
   embed, core = ("core", "patch_embedding"), "core.patch_embedding"
   table[f"{core}.cls_token"] = Entry(embed + ("cls_token",), "same")
   table[f"{core}.pos_embedding"] = Entry(embed + ("pos_embedding",), "same")
@@ -185,6 +198,11 @@ def key_table(model, mouse_ids: Sequence[str], *, old_naming: bool = False) -> d
       for prefix, m in owners:
         _linear(table, f"{prefix}.0", path + ("bmlp", "fc1"), m, bias=bias)
         _linear(table, f"{prefix}.3", path + ("bmlp", "fc2"), m, bias=bias)
+
+
+def _per_mouse_keys(table: dict, model, mouse_ids: Sequence[str]):
+  """Shifters and readouts of every mouse (any core)."""
+  config = model.config
   for m, mid in enumerate(mouse_ids):
     if model.shifters is not None:
       for index, name in (("0", "fc1"), ("2", "fc2"), ("4", "fc3")):
@@ -200,7 +218,6 @@ def key_table(model, mouse_ids: Sequence[str], *, old_naming: bool = False) -> d
       table[f"{key}.source_grid"] = Entry(("readouts", "source_grid"), "same", m, rows=True)
       _linear(table, f"{key}.mu_transform.0", ("readouts", "grid_predictor", "fc1"), m)
       _linear(table, f"{key}.mu_transform.2", ("readouts", "grid_predictor", "fc2"), m)
-  return table
 
 
 def buffer_table(model, mouse_ids: Sequence[str]) -> dict[str, float | None]:
@@ -213,22 +230,30 @@ def buffer_table(model, mouse_ids: Sequence[str]) -> dict[str, float | None]:
   exporting); `image_cropper.grid` and the LSA mask buffers are accepted as they are.
   """
   config = model.config
-  out: dict[str, float | None] = {
-      "image_cropper.grid": None,
+  out: dict[str, float | None] = {"image_cropper.grid": None, "elu1.one": 1.0}
+  for mid in mouse_ids:
+    out[f"readouts.{mid}.reg_scale"] = None
+    if model.shifters is not None:
+      out[f"core_shifter.{mid}.reg_scale"] = None
+  if config.core == "stacked2d":
+    from v1t_jax import stacked2d
+    out["core.gamma_input"] = config.stacked2d.core_reg_input
+    out["core.gamma_hidden"] = config.stacked2d.core_reg_hidden
+    out["core._input_weights_regularizer.laplace.filter"] = None
+    for key, (_, kind) in stacked2d.torch_keys(config.stacked2d, prefix="core").items():
+      if kind == "skip":
+        out[key] = None
+    return out
+  out.update({
       "core.reg_scale": config.core_reg_scale,
       "core.transformer.drop_path.keep_prop": 1.0 - config.drop_path,
-      "elu1.one": 1.0,
-  }
+  })
   for i in range(config.num_blocks):
     key = f"core.transformer.blocks.{i}.mha"
     if config.use_lsa:
       out[f"{key}.mask"] = out[f"{key}.max_value"] = None
     else:
       out[f"{key}.scale"] = config.emb_dim ** -0.5
-  for mid in mouse_ids:
-    out[f"readouts.{mid}.reg_scale"] = None
-    if model.shifters is not None:
-      out[f"core_shifter.{mid}.reg_scale"] = None
   return out
 
 
@@ -577,7 +602,7 @@ def load_state_dict_file(path: str, *, trust_pickle: bool = False) -> tuple[dict
     raise ValueError(f"{path}: unknown checkpoint format (expected one of "
                      f"{TORCH_SUFFIXES + ('.npz', '.safetensors')})")
   try:
-    import torch   # optional: only this function needs it
+    import torch  # optional: only this function needs it
   except ImportError as e:
     raise ImportError(f"{path}: reading a PyTorch checkpoint needs torch: "
                       "pip install -e '.[torch]' (or save the state_dict as .npz elsewhere)") from e
@@ -648,7 +673,10 @@ ARGS_TO_CONFIG = {
     "adam_beta1": "train.adam_beta1", "adam_beta2": "train.adam_beta2",
     "adam_eps": "train.adam_eps", "seed": "seed",
 }
-REQUIRED_ARGS = {"core": "vit", "readout": "gaussian2d"}
+# The stacked2d core's flags (train.py) -> its config section.
+STACKED2D_ARGS = {name: f"model.stacked2d.{name}" for name in (
+    "num_layers", "dropout", "core_reg_input", "core_reg_hidden", "linear")}
+IMPORTABLE = {"core": ("vit", "stacked2d"), "readout": ("gaussian2d",)}
 
 
 def _lookup(config, dotted: str):
@@ -674,15 +702,18 @@ def _coerce(value, default, flag: str):
 def config_overrides(args: Mapping[str, Any], *, data_dir: str, mice: Sequence[str]) -> dict:
   """Flattened overrides of configs/default.py that reproduce the original run."""
   from configs import default
-  for flag, want in REQUIRED_ARGS.items():
-    if args.get(flag, want) != want:
-      raise ValueError(f"args.yaml: --{flag} {args[flag]!r} is not importable (only V1T: "
-                       f"--core vit --readout gaussian2d)")
+  for flag, allowed in IMPORTABLE.items():
+    if args.get(flag, allowed[0]) not in allowed:
+      raise ValueError(f"args.yaml: --{flag} {args[flag]!r} is not importable (--core vit or "
+                       "stacked2d, --readout gaussian2d)")
   if "behavior_mode" not in args:
     raise ValueError("args.yaml: no behavior_mode (a required flag of the original)")
   base = default.get_config()
   out = {}
-  for flag, field in ARGS_TO_CONFIG.items():
+  core = args.get("core", "vit")
+  out["model.core"] = core
+  flags = {**ARGS_TO_CONFIG, **(STACKED2D_ARGS if core == "stacked2d" else {})}
+  for flag, field in flags.items():
     if flag in args:
       out[field] = _coerce(args[flag], _lookup(base, field), flag)
   out["data.data_dir"] = os.path.abspath(data_dir)
@@ -741,7 +772,8 @@ def get_config(arg=None):
 def import_checkpoint(checkpoint: str, args_path: str | None, data_dir: str, workdir: str, *,
                       trust_pickle: bool = False, check_source_grid: bool = True) -> dict:
   """The CLI's import: checkpoint + args.yaml + converted data -> an orbax run directory."""
-  from v1t_jax import train
+  from v1t_jax import checkpoints, train
+  from v1t_jax.model import build_model
   from v1t_jax.plateau import Plateau
 
   args_path = args_path or os.path.join(os.path.dirname(os.path.dirname(
@@ -761,23 +793,24 @@ def import_checkpoint(checkpoint: str, args_path: str | None, data_dir: str, wor
   overrides = config_overrides(args, data_dir=data_dir, mice=names)
   config = config_from_overrides(overrides)
   trainer = train.setup(config)
-  model = train.build_model(config, trainer.mice, trainer.image_hwc, config.seed)
+  model = build_model(config, trainer.mice, trainer.image_hwc, config.seed)
   report = import_state_dict(model, state_dict, ids, check_source_grid=check_source_grid)
-  state = train.new_state(model, trainer.tx)
+  state = checkpoints.new_state(model, trainer.tx)
   source = {"checkpoint": os.path.abspath(checkpoint), "args": os.path.abspath(args_path),
             **{f"original_{k}": v for k, v in info.items()}}
   plateau = Plateau(config.train.lr_patience, config.train.lr_factor, config.train.max_reduce)
-  meta = train._meta(0, 0, plateau, run=trainer.run_info)
+  meta = checkpoints.run_meta(0, 0, plateau, run=trainer.run_info)
   meta["imported_from"] = source
   os.makedirs(workdir, exist_ok=True)
-  latest, best = train.checkpoint_managers(workdir)
+  latest, best = checkpoints.checkpoint_managers(workdir)
   for manager in (latest, best):
-    train.save(manager, state, meta)
+    checkpoints.save(manager, state, meta)
     manager.wait_until_finished()
     manager.close()
   config_path = os.path.join(workdir, CONFIG_FILE)
   write_config_file(config_path, overrides, os.path.abspath(checkpoint))
-  ignored_args = sorted(set(args) - set(ARGS_TO_CONFIG) - set(REQUIRED_ARGS) - {"mouse_ids"})
+  used = set(ARGS_TO_CONFIG) | set(IMPORTABLE) | set(STACKED2D_ARGS) | {"mouse_ids"}
+  ignored_args = sorted(set(args) - used)
   report = {**report, **source, "mice": names, "config": config_path,
             "args_ignored": ignored_args}
   if args.get("criterion", "poisson") != "poisson":
@@ -794,21 +827,22 @@ def restore_model(workdir: str):
   import orbax.checkpoint as ocp
   from flax import nnx
 
-  from v1t_jax import train
-  from v1t_jax.model import ModelConfig
+  from v1t_jax import checkpoints
+  from v1t_jax.model import ModelConfig, abstract_model
 
-  manager = ocp.CheckpointManager(train.run_path(workdir) / "best")
+  manager = ocp.CheckpointManager(checkpoints.run_path(workdir) / "best")
   step = manager.latest_step()
   if step is None:
     raise FileNotFoundError(f"{workdir}: no checkpoint in {workdir}/best")
   run = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta["run"]
-  abstract = train.abstract_model(ModelConfig.from_config(run["config"]["model"]),
+  abstract = abstract_model(ModelConfig.from_config(run["config"]["model"]),
                                   [m["neurons"] for m in run["mice"]], run["image_hwc"])
-  target = jax.eval_shape(lambda: train.new_state(abstract, train.make_optimizer_for_restore()))
+  target = jax.eval_shape(
+      lambda: checkpoints.new_state(abstract, checkpoints.make_optimizer_for_restore()))
   state = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(target))).state
   manager.close()
-  graphdef = train.split_model(abstract)[0]
+  graphdef = checkpoints.split_model(abstract)[0]
   return nnx.merge(graphdef, state["params"], state["buffers"]), run
 
 

@@ -43,11 +43,12 @@ def l1_norm(module: nnx.Module | None) -> jax.Array:
 
 
 def regularizers(model: V1T) -> dict[str, jax.Array]:
-  """Unweighted L1 sums: core (scalar, all core params), readout [M] (features of real neurons),
-  shifter [M] (all shifter params; zeros without shifters)."""
+  """The terms of §7: core (scalar, the core's own weighted regulariser, e.g. core_reg_scale x
+  L1 of the ViT), unweighted L1 sums readout [M] (features of real neurons) and shifter [M] (all
+  shifter params; zeros without shifters)."""
   num_mice = len(model.neuron_counts)
   return {
-      "core": l1_norm(model.core),
+      "core": model.core.regularizer(),
       "readout": readout.feature_l1(model.readouts, model.neuron_counts),
       "shifter": (jnp.zeros(num_mice) if model.shifters is None
                   else shifter.shifter_l1(model.shifters)),
@@ -57,7 +58,7 @@ def regularizers(model: V1T) -> dict[str, jax.Array]:
 def regularizer(model: V1T) -> jax.Array:
   """[M] R_m: the scaled L1 terms of mouse m, the core term included in every mouse (§7)."""
   config, reg = model.config, regularizers(model)
-  return (config.core_reg_scale * reg["core"] + config.readout_reg_scale * reg["readout"]
+  return (reg["core"] + config.readout_reg_scale * reg["readout"]
           + config.shifter_reg_scale * reg["shifter"])
 
 

@@ -1,4 +1,7 @@
-"""The V1T model (model_spec.md §1): shared ViT core, per-mouse shifters and readouts, ELU+1.
+"""The V1T model (model_spec.md §1): a shared core, per-mouse shifters and readouts, ELU+1.
+
+The core is the ViT (`model.core="vit"`, vit.py) or the original's CNN baseline
+(`"stacked2d"`, stacked2d.py), chosen in `build_core` and nowhere else.
 
 A batch has a leading mouse axis: image [M, B, H, W, C] (channels-last, already cropped and
 resized by the pipeline), behavior [M, B, 3], pupil_center [M, B, 2]. The core runs once on the
@@ -18,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from v1t_jax import image_stage, layers, readout, shifter, vit
+from v1t_jax import image_stage, layers, readout, shifter, stacked2d, vit
 
 # Behaviour features the B-MLP sees per behavior_mode (0: none, 1: image channels, no B-MLP).
 BEHAVIOR_DIMS = {0: 0, 1: 0, 2: 3, 3: 5, 4: 5}
@@ -26,6 +29,7 @@ NUM_BEHAVIOR = 3  # [dilation, d dilation / dt, running speed]
 
 # The one place where named modes are checked: field -> allowed values.
 ALLOWED = {
+    "core": ("vit", "stacked2d"),
     "behavior_mode": tuple(BEHAVIOR_DIMS),
     "shift_mode": (0, 2),
     "patch_mode": (0, 1),
@@ -46,8 +50,13 @@ NOT_PORTED = {
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Model hyper-parameters; names and defaults follow the original's flags (model_spec.md §12)."""
+  """Model hyper-parameters; names and defaults follow the original's flags (model_spec.md §12).
 
+  The ViT core's fields are this section's own (the default core); another core has its own
+  section (e.g. `stacked2d`), used only when `core` names it.
+  """
+
+  core: str = "vit"
   patch_size: int = 8
   patch_stride: int = 1
   patch_mode: int = 0  # 0 unfold + linear, 1 conv
@@ -75,14 +84,21 @@ class ModelConfig:
   # "fused": flash attention (vit.Attention._fused); the explicit path runs when attention
   # probabilities are requested.
   attention: str = "explicit"
+  stacked2d: stacked2d.Stacked2dConfig = dataclasses.field(
+      default_factory=stacked2d.Stacked2dConfig)
 
   def __post_init__(self):
+    if not isinstance(self.stacked2d, stacked2d.Stacked2dConfig):   # a dict or ConfigDict
+      object.__setattr__(self, "stacked2d", stacked2d.Stacked2dConfig.from_config(self.stacked2d))
     for name, allowed in ALLOWED.items():
       value = getattr(self, name)
       if (name, value) in NOT_PORTED:
         raise ValueError(f"{name}={value!r}: {NOT_PORTED[name, value]}; allowed: {allowed}")
       if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    if self.core == "stacked2d" and self.behavior_mode not in (0, 1):
+      # As the original: its CNN core has no B-MLP (behaviour can enter as image channels).
+      raise ValueError(f"core='stacked2d' takes behavior_mode 0 or 1, got {self.behavior_mode}")
 
   @classmethod
   def from_config(cls, config: Mapping[str, Any]) -> ModelConfig:
@@ -125,8 +141,23 @@ def tile_behavior(image_MxBxHxWxC: jax.Array, behavior_MxBx3: jax.Array) -> jax.
   return jnp.concatenate([image_MxBxHxWxC, tiles], axis=-1)
 
 
+def build_core(config: ModelConfig, image_shape: Sequence[int], *, num_mice: int, remat: str,
+               rngs: nnx.Rngs) -> nnx.Module:
+  """The core that `config.core` names: the one place where a core is chosen.
+
+  A core is one module file: a constructor from its config section, `output_shape` (h, w, c),
+  `regularizer()` (its weighted term of §7), and `__call__(images [M, B, H, W, C], behavior
+  [M, B, F] or None, *, train, key)` -> (feature map [M, B, h, w, c], extras dict). A third
+  core is that file, its name in ALLOWED["core"] and one branch here.
+  """
+  if config.core == "stacked2d":
+    return stacked2d.Stacked2dCore(config.stacked2d, tuple(image_shape),
+                                   compute_dtype=config.compute_dtype, rngs=rngs)
+  return vit.ViTCore.from_config(config, image_shape, num_mice=num_mice, remat=remat, rngs=rngs)
+
+
 class V1T(nnx.Module):
-  """Shared ViT core + per-mouse core shifters and Gaussian2d readouts, output ELU(y) + 1."""
+  """Shared core + per-mouse core shifters and Gaussian2d readouts, output ELU(y) + 1."""
 
   def __init__(
       self,
@@ -157,21 +188,14 @@ class V1T(nnx.Module):
     height, width, channels = image_shape
     if config.behavior_mode == 1:  # behaviour tiled as extra image channels
       channels += NUM_BEHAVIOR
-    self.core = vit.ViTCore(
-        (height, width, channels),
-        patch_size=config.patch_size, patch_stride=config.patch_stride,
-        patch_mode=config.patch_mode, emb_dim=config.emb_dim, num_heads=config.num_heads,
-        num_blocks=config.num_blocks, mlp_dim=config.mlp_dim, p_dropout=config.p_dropout,
-        t_dropout=config.t_dropout, drop_path=config.drop_path, use_lsa=config.use_lsa,
-        disable_bias=config.disable_bias, behavior_dim=config.behavior_dim,
-        bmlp_mice=num_mice if config.behavior_mode == 4 else None,
-        attention=config.attention, compute_dtype=config.compute_dtype, remat=remat, rngs=rngs)
+    self.core = build_core(config, (height, width, channels), num_mice=num_mice, remat=remat,
+                           rngs=rngs)
     self.shifters = shifter.make_shifters(num_mice, rngs=rngs) if config.shift_mode == 2 else None
     self.readouts = readout.make_readouts(
         neuron_counts=self.neuron_counts, coordinates=np.asarray(coordinates),
         bias_MxN=readout.initial_bias(
             config.bias_mode, self.neuron_counts, response_mean, response_std),
-        num_channels=config.emb_dim, disable_grid_predictor=config.disable_grid_predictor,
+        num_channels=self.core.output_shape[-1], disable_grid_predictor=config.disable_grid_predictor,
         grid_predictor_dim=config.grid_predictor_dim, init_sigma=config.init_sigma,
         init_mu_range=config.init_mu_range, rngs=rngs)
 
@@ -201,7 +225,7 @@ class V1T(nnx.Module):
     Args:
       train: dropout, drop path and readout position sampling on; needs `key`.
       key: PRNG key for the training randomness (ignored when train is False).
-      return_attention: also return the attention probabilities (forces the reference path).
+      return_attention: also return the attention probabilities (a core with attention maps).
 
     Returns:
       (pred [M, B, N_max] > 0; padded neurons hold arbitrary finite values, mask them,
@@ -217,9 +241,13 @@ class V1T(nnx.Module):
     behavior = None
     if self.config.behavior_dim:
       behavior = self.behavior_features(behavior_MxBx3, pupil_center_MxBx2)
-    feat, attention = self.core(
-        image_MxBxHxWxC, behavior, key=core_key, return_attention=return_attention)
-    aux = {}
+    extra_args = {}
+    if return_attention:
+      if not getattr(self.core, "has_attention", False):
+        raise ValueError(f"the {self.config.core} core has no attention maps")
+      extra_args["return_attention"] = True
+    feat, aux = self.core(image_MxBxHxWxC, behavior, train=train, key=core_key, **extra_args)
+    aux = dict(aux)
     shift_MxBx2 = None
     if self.shifters is not None:
       shift_MxBx2 = layers.apply_per_mouse(self.shifters, pupil_center_MxBx2)
@@ -227,8 +255,6 @@ class V1T(nnx.Module):
     readout_keys = None if readout_key is None else jax.random.split(readout_key, mice)
     y_MxBxN = layers.apply_per_mouse(self.readouts, feat, shift_MxBx2, readout_keys)
     aux["pre_activation"] = y_MxBxN
-    if attention is not None:
-      aux["attention"] = attention
     return jax.nn.elu(y_MxBxN) + 1.0, aux
 
 
@@ -247,3 +273,50 @@ def count_parameters(model: V1T) -> dict[str, int]:
   }
   counts["total"] = sum(counts.values())
   return counts
+
+
+# ---------------------------------------------------------------------------------------------
+# The one place that builds a model from a run's config and data (training, import, prediction).
+
+
+def padded(rows: Sequence[np.ndarray], n_max: int, width: int | None = None) -> np.ndarray:
+  """Stack per-mouse arrays of different lengths, zero-padded to n_max rows."""
+  shape = (len(rows), n_max) + (() if width is None else (width,))
+  out = np.zeros(shape, np.float32)
+  for m, r in enumerate(rows):
+    out[m, : len(r)] = r
+  return out
+
+
+def model_config(config) -> ModelConfig:
+  """ModelConfig of a run's config (config.model, with the effect of train.pretrain_core)."""
+  values = dict(config.model.items())
+  if config.train.pretrain_core:   # a frozen core contributes nothing to the regulariser (§7)
+    values["core_reg_scale"] = 0.0
+    if "stacked2d" in values:
+      values["stacked2d"] = dict(values["stacked2d"], core_reg_input=0.0, core_reg_hidden=0.0)
+  return ModelConfig.from_config(values)
+
+
+def build_model(config, mice: Sequence[Any], image_hwc, seed: int) -> V1T:
+  """The model of a run: `mice` are dataset_meta.MouseMeta (neurons, coordinates, statistics)."""
+  counts = [m.num_neurons for m in mice]
+  n_max = max(counts)
+  return V1T(
+      model_config(config), neuron_counts=counts,
+      coordinates=padded([m.coordinates for m in mice], n_max, 3),
+      image_shape=tuple(image_hwc),
+      response_mean=padded([m.stat("responses", "mean") for m in mice], n_max),
+      response_std=padded([m.stat("responses", "std") for m in mice], n_max),
+      remat=config.train.get("remat", "none"), rngs=nnx.Rngs(params=seed))
+
+
+def abstract_model(model_cfg: ModelConfig, counts: Sequence[int], image_hwc) -> V1T:
+  """A V1T of these mice with shapes only, to restore a checkpoint into (the coordinates and
+  the bias statistics are placeholders: their values come from the checkpoint)."""
+  n_max = max(counts)
+  placeholder = np.ones((len(counts), n_max), np.float32)
+  return nnx.eval_shape(lambda: V1T(
+      model_cfg, neuron_counts=counts, coordinates=np.zeros((len(counts), n_max, 3), np.float32),
+      image_shape=tuple(image_hwc), response_mean=placeholder, response_std=placeholder,
+      rngs=nnx.Rngs(0)))

@@ -37,10 +37,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from v1t_jax import image_stage, readout, train
-from v1t_jax.model import ModelConfig
+from v1t_jax import checkpoints, image_stage, readout
+from v1t_jax.model import ModelConfig, abstract_model
 
-CHECKPOINT_DIRS = {"best": "best", "latest": "checkpoints"}   # train.checkpoint_managers' layout
+CHECKPOINT_DIRS = {"best": "best", "latest": "checkpoints"}   # checkpoints.checkpoint_managers' layout
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,9 +183,22 @@ def _select_neurons(state, neurons_K):
 
 
 def _forward(params, buffers, mouse, image_BxHxWxC, behavior_Bx3, pupil_Bx2, neurons_K=None, *,
-             graphdef, params_mask, buffers_mask, return_attention: bool):
+             members: int = 1, **kwargs):
   """Eval-mode prediction [B, N_max] (and attention [B, L, H, T, T]) of mouse `mouse` (traced);
-  with `neurons_K`, only those neurons' responses [B, K] (the readout computes nothing else)."""
+  with `neurons_K`, only those neurons' responses [B, K] (the readout computes nothing else).
+  An ensemble (members > 1, a leading member axis on params and buffers) gives the members'
+  average prediction (and average attention maps)."""
+  one = functools.partial(_member_forward, **kwargs)
+  if members == 1:
+    return one(params, buffers, mouse, image_BxHxWxC, behavior_Bx3, pupil_Bx2, neurons_K)
+  out = jax.vmap(one, in_axes=(0, 0) + (None,) * 5)(
+      params, buffers, mouse, image_BxHxWxC, behavior_Bx3, pupil_Bx2, neurons_K)
+  return jax.tree.map(lambda x: jnp.mean(x, axis=0), out)
+
+
+def _member_forward(params, buffers, mouse, image_BxHxWxC, behavior_Bx3, pupil_Bx2, neurons_K, *,
+                    graphdef, params_mask, buffers_mask, return_attention: bool):
+  """_forward of one model."""
   def take(x, stacked):
     return jax.lax.dynamic_slice_in_dim(x, mouse, 1, axis=0) if stacked else x
   params = jax.tree.map(take, params, params_mask)
@@ -222,6 +235,11 @@ class Predictor:
     counts = [r.neurons for r in self.records]
     self.n_max = max(counts)
     self.params, self.buffers = params, buffers
+    # An ensemble: predictions average its members; `model` (figures of readout positions,
+    # the core's kind) is member 0.
+    self.members = int(run["config"].get("train", {}).get("ensemble_size", 1))
+    if self.members > 1:
+      params, buffers = jax.tree.map(lambda x: x[0], (params, buffers))
     self.model = nnx.merge(_abstract_model(model_cfg, counts, self.image_hwc)[0], params, buffers)
     # One program for every mouse: it slices the mouse's readout / shifter (/ B-MLP) out of the
     # stacks (the mouse index is a traced argument) and runs a one-mouse model, so the core sees
@@ -232,7 +250,8 @@ class Predictor:
              "buffers_mask": _per_mouse_mask(buffers, one_buffers, len(counts))}
     self._forward = {
         attention: jax.jit(functools.partial(_forward, graphdef=one_graphdef,
-                                             return_attention=attention, **masks))
+                                             return_attention=attention, members=self.members,
+                                             **masks))
         for attention in (False, True)}
 
   @classmethod
@@ -262,8 +281,9 @@ class Predictor:
       model_cfg = ModelConfig.from_config(run["config"]["model"])
       counts = [int(m["neurons"]) for m in run["mice"]]
       graphdef, params, buffers = _abstract_model(model_cfg, counts, run["image_hwc"])
-      target = jax.eval_shape(lambda: train.new_state(
-          nnx.merge(graphdef, params, buffers), train.make_optimizer_for_restore()))
+      target = checkpoints.stacked(jax.eval_shape(lambda: checkpoints.new_state(
+          nnx.merge(graphdef, params, buffers), checkpoints.make_optimizer_for_restore())),
+          int(run["config"].get("train", {}).get("ensemble_size", 1)))
       # Every leaf onto the one chosen device, whatever sharding the training run used.
       sharding = jax.sharding.SingleDeviceSharding(device)
       target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
@@ -398,7 +418,7 @@ class Predictor:
 
 def _abstract_model(model_cfg: ModelConfig, counts: Sequence[int], image_hwc):
   """(graphdef, params, buffers) of a V1T with these mice, shapes only."""
-  return train.split_model(train.abstract_model(model_cfg, counts, image_hwc))
+  return checkpoints.split_model(abstract_model(model_cfg, counts, image_hwc))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -268,16 +268,20 @@ class Block(nnx.Module):
 class ViTCore(nnx.Module):
   """§3: patch embedding, L pre-norm blocks, no final LayerNorm, cls dropped, tokens -> (h, w, D)."""
 
+  has_attention = True   # __call__ can return the attention probabilities
+
   def __init__(self, image_shape: Sequence[int], *, patch_size: int, patch_stride: int,
                patch_mode: int, emb_dim: int, num_heads: int, num_blocks: int, mlp_dim: int,
                p_dropout: float, t_dropout: float, drop_path: float, use_lsa: bool,
                disable_bias: bool, behavior_dim: int, bmlp_mice: int | None, attention: str,
-               compute_dtype: str, rngs: nnx.Rngs, remat: str = "none"):
+               compute_dtype: str, rngs: nnx.Rngs, remat: str = "none", reg_scale: float = 0.0):
     """image_shape: (H, W, C) of the core input; behavior_dim 0 = no B-MLP; bmlp_mice: number
-    of mice for per-mouse B-MLPs (behavior_mode 4), else None; remat: a REMAT_POLICIES key."""
+    of mice for per-mouse B-MLPs (behavior_mode 4), else None; remat: a REMAT_POLICIES key;
+    reg_scale: the weight of the core's L1 regulariser (§7, core_reg_scale)."""
     if remat not in REMAT_POLICIES:
       raise ValueError(f"remat must be one of {tuple(REMAT_POLICIES)}, got {remat!r}")
     self.remat = remat
+    self.reg_scale = reg_scale
     self.patch_embedding = PatchEmbedding(
         image_shape, patch_size=patch_size, patch_stride=patch_stride, patch_mode=patch_mode,
         emb_dim=emb_dim, p_dropout=p_dropout, compute_dtype=compute_dtype, rngs=rngs)
@@ -291,9 +295,32 @@ class ViTCore(nnx.Module):
     self.map_hw = find_shape(self.patch_embedding.num_patches)
     self.output_shape = (*self.map_hw, emb_dim)  # channels-last (h, w, D), e.g. (29, 57, 155)
 
+  @classmethod
+  def from_config(cls, config, image_shape: Sequence[int], *, num_mice: int, remat: str,
+                  rngs: nnx.Rngs) -> ViTCore:
+    """From the model config (model.ModelConfig: the ViT's fields are the model section's own)."""
+    return cls(
+        image_shape, patch_size=config.patch_size, patch_stride=config.patch_stride,
+        patch_mode=config.patch_mode, emb_dim=config.emb_dim, num_heads=config.num_heads,
+        num_blocks=config.num_blocks, mlp_dim=config.mlp_dim, p_dropout=config.p_dropout,
+        t_dropout=config.t_dropout, drop_path=config.drop_path, use_lsa=config.use_lsa,
+        disable_bias=config.disable_bias, behavior_dim=config.behavior_dim,
+        bmlp_mice=num_mice if config.behavior_mode == 4 else None, attention=config.attention,
+        compute_dtype=config.compute_dtype, remat=remat, reg_scale=config.core_reg_scale,
+        rngs=rngs)
+
+  def regularizer(self) -> jax.Array:
+    """§7: core_reg_scale * sum |theta| over every core parameter."""
+    return self.reg_scale * sum(jnp.sum(jnp.abs(x))
+                                for x in jax.tree.leaves(nnx.state(self, nnx.Param)))
+
   def __call__(self, images_MxBxHxWxC: jax.Array, behavior_MxBxF: jax.Array | None, *,
-               key: jax.Array | None, return_attention: bool = False):
-    """Returns (feature map [M, B, h, w, D], attention probs [M, B, L, H, T, T] or None)."""
+               train: bool, key: jax.Array | None, return_attention: bool = False):
+    """Returns (feature map [M, B, h, w, D], {"attention": probs [M, B, L, H, T, T]} with
+    return_attention, else {}). train: dropout and drop path on (needs key)."""
+    if train and key is None:
+      raise ValueError("train=True needs a PRNG key")
+    key = key if train else None
     mice, batch = images_MxBxHxWxC.shape[:2]
     images_NxHxWxC = images_MxBxHxWxC.reshape((mice * batch,) + images_MxBxHxWxC.shape[2:])
     embed_key, *block_keys = layers.split_key(key, 1 + len(self.blocks))
@@ -311,6 +338,7 @@ class ViTCore(nnx.Module):
     # Drop cls, then "b (h w) c" -> channels-last (h, w, c) with find_shape's (h, w) (§3.3).
     feat_MxBxhxwxD = t_NxTxD[:, 1:].reshape((mice, batch) + self.output_shape)
     if not return_attention:
-      return feat_MxBxhxwxD, None
+      return feat_MxBxhxwxD, {}
     probs_NxLxHxTxT = jnp.stack(all_probs, axis=1)
-    return feat_MxBxhxwxD, probs_NxLxHxTxT.reshape((mice, batch) + probs_NxLxHxTxT.shape[1:])
+    return feat_MxBxhxwxD, {
+        "attention": probs_NxLxHxTxT.reshape((mice, batch) + probs_NxLxHxTxT.shape[1:])}

@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 # Modules with long end-to-end runs, started first so that pytest-xdist's workers finish together
 # (scripts/test.sh runs 2 workers, a module per worker at a time).
 SLOW_FIRST = ("test_sweep.py", "test_train.py", "test_interruptions.py", "test_multiprocess.py",
-              "test_launch.py")
+              "test_launch.py", "test_ensemble.py")
 
 
 def pytest_collection_modifyitems(items):

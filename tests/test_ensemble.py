@@ -8,7 +8,7 @@ import shutil
 import jax
 import numpy as np
 
-from configs import synthetic
+from configs import synthetic, synthetic_cnn
 from v1t_jax import checkpoints, input_pipeline, predict, train
 
 
@@ -49,8 +49,13 @@ def test_members_equal_separate_models_with_their_seeds(tiny_data_dir):
 
 
 def test_ensemble_run_resumes_exactly_and_predicts_the_member_mean(tiny_data_dir, tmp_path):
+  """A 2-member run of the CNN core (BatchNorm statistics per member, in the state): both
+  members evaluated, a run "killed" mid-epoch resumes to the same state, and the Predictor
+  gives the members' mean."""
   workdir = str(tmp_path / "run")
-  config = tiny_config(tiny_data_dir, ensemble_size=2, num_epochs=2, checkpoint_every_steps=1)
+  config = synthetic_cnn.get_config("tiny")
+  config.data.data_dir = tiny_data_dir
+  config.train.update(ensemble_size=2, num_epochs=2, checkpoint_every_steps=1)
   result = train.train_and_evaluate(config, workdir)
   members = result["metrics"]["members"]["validation"]
   assert len(members) == 2 and len(result["validation"]["member_single_trial_correlation_average"]) == 2
@@ -59,6 +64,8 @@ def test_ensemble_run_resumes_exactly_and_predicts_the_member_mean(tiny_data_dir
   uninterrupted, meta = checkpoints.restore(latest, trainer, 6)
   latest.close(), best.close()
   assert len(meta["plateau"]["members"]) == 2
+  means = np.asarray(uninterrupted["buffers"]["core"]["layers"][0]["norm"]["mean"])
+  assert means.shape == (2, 8) and not np.allclose(means[0], means[1])
 
   killed = str(tmp_path / "killed")   # "killed" after step 5, mid-epoch 2
   shutil.copytree(workdir, killed, ignore=shutil.ignore_patterns(".lock"))

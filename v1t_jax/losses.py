@@ -12,7 +12,6 @@ from collections.abc import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from v1t_jax import readout, shifter
 from v1t_jax.model import V1T
@@ -33,13 +32,6 @@ def ds_scale(n_train: Sequence[int] | jax.Array, valid_MxB: jax.Array) -> jax.Ar
   """[M] sqrt(N_train_m / B_m), B_m = this batch's real trials of mouse m (its whole batch size)."""
   batch_M = jnp.maximum(jnp.sum(valid_MxB, axis=1), 1).astype(jnp.float32)
   return jnp.sqrt(jnp.asarray(n_train, jnp.float32) / batch_M)
-
-
-def l1_norm(module: nnx.Module | None) -> jax.Array:
-  """sum |theta| over a module's parameters (0 for a missing module)."""
-  if module is None:
-    return jnp.zeros(())
-  return sum(jnp.sum(jnp.abs(x)) for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
 
 
 def regularizers(model: V1T) -> dict[str, jax.Array]:

@@ -75,13 +75,13 @@ def test_ensure_dataset_synthesizes_missing_zips(tiny_zips, tmp_path, monkeypatc
   shutil.copy(tiny_zips[0], zip_dir)   # one zip of three: the others must be synthesized
   calls = []
 
-  def fake_synthesize(out, preset, seed, workers):
-    calls.append((out, preset, seed))
+  def fake_synthesize(out, preset, seed, workers, color):
+    calls.append((out, preset, seed, color))
     return [shutil.copy(z, out) for z in tiny_zips]
 
   monkeypatch.setattr(synthesize, "synthesize", fake_synthesize)
   mice = prepare.ensure_dataset(_synthetic_config(tmp_path / "tfds", zip_dir))
-  assert calls == [(str(zip_dir), "tiny", 0)] and len(mice) == 3
+  assert calls == [(str(zip_dir), "tiny", 0, False)] and len(mice) == 3
 
 
 def test_missing_or_unusable_data_dir_is_one_line(tmp_path):

@@ -19,9 +19,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 RUNS = {   # name: (description, launch_train.py arguments)
     "v1t": ("V1T (demo config)", ["--config=configs/synthetic.py"]),
-    "cnn": ("CNN core (stacked2d)", ["--config=configs/synthetic_cnn.py"]),
     "v1t_ensemble5": ("V1T, 5-member ensemble", ["--config=configs/synthetic.py",
                                                  "--config.train.ensemble_size=5"]),
+    "cnn": ("CNN core (stacked2d, 16 channels)", ["--config=configs/synthetic_cnn.py"]),
     "color_v1t": ("V1T, colour", ["--config=configs/synthetic.py:color"]),
     "color_v1t_gray": ("V1T, colour, gray_scale", ["--config=configs/synthetic.py:color",
                                                    "--config.data.gray_scale=True"]),

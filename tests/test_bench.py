@@ -44,6 +44,15 @@ def test_bench_cli_on_the_tiny_config_prints_one_json_line_per_measurement():
   assert lines[0]["gflop_per_example"] == pytest.approx(3 * lines[1]["gflop_per_example"])
 
 
+def test_a_step_larger_than_host_memory_is_one_line_naming_the_flags(monkeypatch, capsys):
+  monkeypatch.setattr(bench, "host_memory_gib", lambda: 1e-4)   # ~100 KiB: the tiny step exceeds it
+  with pytest.raises(bench.BenchError, match=r"train_step needs .* GiB .* lower --mice or "
+                                             r"--batch_size"):
+    bench.main(["--config=configs/synthetic.py:tiny", "--neurons=24,31,17", "--iters=1",
+                "--warmup=0", "--what=train_step"])
+  assert "{" not in capsys.readouterr().out   # nothing measured, nothing printed
+
+
 def test_overrides_and_shorthand_flags():
   args = bench.parse_args(["--model.emb_dim=32", "--set", "train.lr=1", "--mice=2"])
   config = bench.apply_overrides(bench.load_config(args.config), args.set)

@@ -363,6 +363,25 @@ def _xla_memory_gib(compiled) -> dict:
           for name in ("argument", "output", "temp") if hasattr(m, f"{name}_size_in_bytes")}
 
 
+def host_memory_gib() -> float:
+  """Physical memory of this machine."""
+  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+
+
+def check_fits_host(what: str, compiled, platform_name: str):
+  """XLA:CPU allocates a step's temporaries in one block: refuse a step that cannot fit in host
+  memory with a message instead of the runtime's RESOURCE_EXHAUSTED traceback."""
+  need = sum(_xla_memory_gib(compiled).values())
+  if platform_name == "cpu" and need > 0.9 * host_memory_gib():
+    raise BenchError(f"{what} needs {need:.1f} GiB of XLA buffers, this machine has "
+                     f"{host_memory_gib():.1f} GiB: lower --mice or --batch_size "
+                     "(docs/benchmarks.md measures the default config with --mice=1 on CPU)")
+
+
+class BenchError(Exception):
+  """A measurement that cannot run here (printed as one line by main)."""
+
+
 def measure(what: str, trainer, batch: dict, *, iters: int, warmup: int, seed: int,
             profile_dir: str | None = None) -> dict:
   """Compiles and times one of the Trainer's jitted steps; returns the raw figures. With
@@ -377,6 +396,7 @@ def measure(what: str, trainer, batch: dict, *, iters: int, warmup: int, seed: i
     t0 = time.perf_counter()
     compiled = trainer.train_step.lower(state, dev_batch, key, lr_scale).compile()
     compile_s = time.perf_counter() - t0
+    check_fits_host(what, compiled, jax.devices()[0].platform)
 
     def run(i):
       nonlocal state
@@ -387,6 +407,7 @@ def measure(what: str, trainer, batch: dict, *, iters: int, warmup: int, seed: i
     t0 = time.perf_counter()
     compiled = trainer.eval_step.lower(params, buffers, dev_batch).compile()
     compile_s = time.perf_counter() - t0
+    check_fits_host(what, compiled, jax.devices()[0].platform)
 
     def run(i):
       del i
@@ -546,4 +567,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-  main()
+  try:
+    main()
+  except BenchError as e:
+    sys.exit(f"error: {e}")

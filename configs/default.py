@@ -26,6 +26,9 @@ def data_config() -> ml_collections.ConfigDict:
   d.gray_scale = False                 # Franke colour data: average the channels into one
   d.limit_data = ml_collections.config_dict.placeholder(int)  # cap on train trials per mouse
   d.shuffle_seed = 1234                # per-mouse shuffles derive from it
+  # "passes": the original's epochs (a fresh shuffle of every mouse per epoch, partial last
+  # batches); "stream": one endless shuffled stream per mouse in full batches (before issue 20).
+  d.train_order = "passes"
   d.cache = True                       # keep the serialized train shards in memory after epoch 1
   return d
 

@@ -11,11 +11,14 @@ Every element is a dict of arrays with a leading mouse axis M and a per-mouse ba
   trial         [M, B]          int64    file number of the trial in its zip (-1 on padding)
   image_id      [M, B]          int64    frame_image_id (groups repeats)
 
-Training: each mouse's train tier is cached, shuffled over the whole tier and repeated
-independently; one epoch is `max over mice of ceil(n_train / B)` steps. This is the original's
-cycling of per-mouse loaders, except that a mouse's last partial batch is completed from its next
-shuffle (the stacked batch needs the same B for every mouse). Evaluation reads each tier of each
-mouse in file order, nothing dropped; shorter mice are padded with `valid=False` rows.
+Training (data.train_order "passes", the original's CycleDataloaders): one epoch is
+`max over mice of ceil(n_train / B)` steps; in every epoch each mouse starts a fresh shuffle of
+its train tier, cut into batches of B with a last partial batch (completed with `valid=False`
+rows, so the loss and ds_scale count its real trials only), and a mouse whose pass ends before
+the epoch does starts another one; the rest of its last pass is dropped at the epoch's end.
+"stream" (before issue 20): every mouse's shuffled tier repeated without epoch boundaries, in
+full batches only. Evaluation reads each tier of each mouse in file order, nothing dropped;
+shorter mice are padded with `valid=False` rows.
 
 Every process reads only its own contiguous slice of every tier (`process_index` of
 `process_count`), so the pipeline scales to a pod; the slices partition each tier exactly.
@@ -173,18 +176,24 @@ def _limit(records: tf.data.Dataset, meta: MouseMeta, limit: int, seed: int, sta
 
 
 def train_dataset(mice: list[MouseMeta], data_cfg, *, process_index: int | None = None,
-                  process_count: int | None = None, start_step: int = 0) -> tf.data.Dataset:
+                  process_count: int | None = None, start_step: int = 0,
+                  epoch_steps: int | None = None) -> tf.data.Dataset:
   """Endless [M, B_local, ...] training batches, B_local = batch_size / process_count.
 
   The order is a fixed function of `data.shuffle_seed`: batch k is the same in every run, and
   `start_step` skips the first batches (as serialized records, before any decoding) so a
-  resumed run sees exactly the batches an uninterrupted one would.
+  resumed run sees exactly the batches an uninterrupted one would. `epoch_steps` (default:
+  `steps_per_epoch()`) sets the epoch boundaries of train_order "passes".
   """
   pi, pc = _process(process_index, process_count)
   if data_cfg.batch_size % pc:
     raise ValueError(f"data.batch_size={data_cfg.batch_size} must be divisible by the number of "
                      f"processes ({pc})")
   batch = data_cfg.batch_size // pc
+  order = data_cfg.get("train_order", "passes")
+  if order not in ("passes", "stream"):
+    raise ValueError(f"data.train_order={order!r}: 'passes' or 'stream'")
+  steps = epoch_steps or steps_per_epoch(mice, data_cfg.batch_size, data_cfg.limit_data)
   per_mouse = []
   for i, reader in enumerate(readers(mice, data_cfg)):
     records = reader.records("train", pi, pc)
@@ -194,12 +203,37 @@ def train_dataset(mice: list[MouseMeta], data_cfg, *, process_index: int | None 
     if data_cfg.cache:
       records = records.cache()
     n_local = max(1, train_size(reader.meta, data_cfg.limit_data) // pc + 1)
-    records = records.shuffle(n_local, seed=data_cfg.shuffle_seed + 1000 * i + pi,
-                              reshuffle_each_iteration=True).repeat()
-    per_mouse.append(records.batch(batch, drop_remainder=True).skip(start_step)
-                     .map(reader.decode, num_parallel_calls=tf.data.AUTOTUNE))
+    seed = data_cfg.shuffle_seed + 1000 * i + pi
+    if order == "stream":
+      records = records.shuffle(n_local, seed=seed, reshuffle_each_iteration=True).repeat()
+      ds = records.batch(batch, drop_remainder=True).skip(start_step)
+      per_mouse.append(ds.map(reader.decode, num_parallel_calls=tf.data.AUTOTUNE))
+      continue
+    ds = _passes(records, n_local, batch, steps, seed, start_step)
+    pad = reader.padding_batch(batch)
+
+    def fill(b, pad=pad):   # a pass's last partial batch: complete it with invalid rows
+      k = batch - tf.shape(b["valid"])[0]
+      return {key: tf.concat([v, pad[key][:k]], axis=0) for key, v in b.items()}
+
+    per_mouse.append(ds.map(reader.decode, num_parallel_calls=tf.data.AUTOTUNE).map(fill))
   ds = tf.data.Dataset.zip(tuple(per_mouse)).map(_stack, num_parallel_calls=tf.data.AUTOTUNE)
   return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _passes(records: tf.data.Dataset, n_local: int, batch: int, steps: int, seed: int,
+            start_step: int) -> tf.data.Dataset:
+  """Serialized batches of one mouse, `steps` per epoch: each epoch a fresh shuffled pass (its
+  last batch partial), further passes while the epoch lasts, the unused rest dropped."""
+  def one_pass(pass_seed):
+    return records.shuffle(n_local, seed=pass_seed, reshuffle_each_iteration=False).batch(batch)
+
+  def epoch(epoch_seed):   # pass p of the epoch shuffles with seed epoch_seed + p
+    passes = tf.data.Dataset.range(steps).map(lambda p: epoch_seed + p)
+    return passes.flat_map(one_pass).take(steps)
+
+  start_epoch, skip = divmod(start_step, steps)
+  return tf.data.Dataset.random(seed=seed).skip(start_epoch).flat_map(epoch).skip(skip)
 
 
 def eval_dataset(mice: list[MouseMeta], tier: str, data_cfg, *, process_index: int | None = None,

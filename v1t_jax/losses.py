@@ -79,7 +79,8 @@ def objective(
     (R_m, core term included in every mouse), "total" [M] (J_m), "pred" [M, B, N_max].
   """
   config = model.config
-  pred, _ = model(batch["image"], batch["behavior"], batch["pupil_center"], train=train, key=key)
+  pred, _ = model(batch["image"], batch["behavior"], batch["pupil_center"], train=train, key=key,
+                  valid_MxB=batch["valid"])
   valid_MxB = batch["valid"]
   mask_MxBxN = valid_MxB[:, :, None] & model.neuron_mask[:, None, :]
   poisson_M = poisson_loss(pred, batch["responses"], mask_MxBxN)

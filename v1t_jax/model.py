@@ -219,12 +219,14 @@ class V1T(nnx.Module):
       train: bool,
       key: jax.Array | None = None,
       return_attention: bool = False,
+      valid_MxB: jax.Array | None = None,
   ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Predicted standardised responses.
 
     Args:
       train: dropout, drop path and readout position sampling on; needs `key`.
       key: PRNG key for the training randomness (ignored when train is False).
+      valid_MxB: real rows of a padded batch, for cores with batch statistics (BatchNorm).
       return_attention: also return the attention probabilities (a core with attention maps).
 
     Returns:
@@ -246,6 +248,8 @@ class V1T(nnx.Module):
       if not getattr(self.core, "has_attention", False):
         raise ValueError(f"the {self.config.core} core has no attention maps")
       extra_args["return_attention"] = True
+    if valid_MxB is not None and getattr(self.core, "takes_valid", False):
+      extra_args["valid_MxB"] = valid_MxB
     feat, aux = self.core(image_MxBxHxWxC, behavior, train=train, key=core_key, **extra_args)
     aux = dict(aux)
     shift_MxBx2 = None

@@ -106,17 +106,24 @@ class BatchNorm(nnx.Module):
     self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
     self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
 
-  def __call__(self, x_MxBxHxWxC: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, x_MxBxHxWxC: jax.Array, *, train: bool,
+               valid_MxB: jax.Array | None = None) -> jax.Array:
+    """valid_MxB: training statistics over the valid rows only (a partial batch's padding)."""
     x_MxBxHxWxC = x_MxBxHxWxC.astype(jnp.float32)
     if train:
       mice, batch, height, width, _ = x_MxBxHxWxC.shape
-      if (count := batch * height * width) < 2:
+      if batch * height * width < 2:
         raise ValueError("BatchNorm in training needs more than 1 value per channel")
-      mean_Mx1x1x1xC = x_MxBxHxWxC.mean(axis=(1, 2, 3), keepdims=True)
-      var_Mx1x1x1xC = jnp.square(x_MxBxHxWxC - mean_Mx1x1x1xC).mean(axis=(1, 2, 3), keepdims=True)
+      rows = jnp.ones((mice, batch)) if valid_MxB is None else valid_MxB.astype(jnp.float32)
+      w = rows[:, :, None, None, None]
+      count = jnp.maximum(w.sum(axis=1, keepdims=True) * height * width, 2.0)   # [M, 1, 1, 1, 1]
+      mean_Mx1x1x1xC = (x_MxBxHxWxC * w).sum(axis=(1, 2, 3), keepdims=True) / count
+      var_Mx1x1x1xC = (jnp.square(x_MxBxHxWxC - mean_Mx1x1x1xC) * w).sum(
+          axis=(1, 2, 3), keepdims=True) / count
       # M sequential updates r <- (1 - m) r + m s_k in closed form; var uses the unbiased s_k.
       decay = 1.0 - self.momentum
       weights_M = self.momentum * decay ** jnp.arange(mice - 1, -1, -1, dtype=jnp.float32)
+      count = count.reshape(mice, 1)
       unbiased_MxC = var_Mx1x1x1xC.reshape(mice, -1) * (count / (count - 1))
       mean_MxC = mean_Mx1x1x1xC.reshape(mice, -1)  # elementwise sums: no TF32 matmul on GPU
       self.mean[...] = decay**mice * self.mean[...] + (weights_M[:, None] * mean_MxC).sum(0)
@@ -164,12 +171,13 @@ class Layer(nnx.Module):
     setattr(self, conv_name, conv)
     self.norm = BatchNorm(channels, momentum=config.momentum) if config.batch_norm else None
 
-  def __call__(self, x_MxBxHxWxC: jax.Array, *, train: bool, key: jax.Array | None):
+  def __call__(self, x_MxBxHxWxC: jax.Array, *, train: bool, key: jax.Array | None,
+               valid_MxB: jax.Array | None = None):
     mice, batch = x_MxBxHxWxC.shape[:2]
     y_NxHxWxC = getattr(self, self.conv_name)(x_MxBxHxWxC.reshape((-1,) + x_MxBxHxWxC.shape[2:]))
     y_MxBxHxWxC = y_NxHxWxC.reshape((mice, batch) + y_NxHxWxC.shape[1:])
     if self.norm is not None:
-      y_MxBxHxWxC = self.norm(y_MxBxHxWxC, train=train)
+      y_MxBxHxWxC = self.norm(y_MxBxHxWxC, train=train, valid_MxB=valid_MxB)
     if self.nonlinear:
       x_shift, y_shift = self.elu_shift
       y_MxBxHxWxC = jax.nn.elu(y_MxBxHxWxC - x_shift) + y_shift
@@ -182,6 +190,7 @@ class Layer(nnx.Module):
 
 class Stacked2dCore(nnx.Module):
   """The stacked2d core on [M, B, H, W, C] images -> ([M, B, h, w, c] features, {})."""
+  takes_valid = True   # BatchNorm statistics over the valid rows of a partial batch
 
   def __init__(self, config: Stacked2dConfig, image_shape: tuple[int, int, int], *,
                compute_dtype: str = "float32", rngs: nnx.Rngs):
@@ -216,8 +225,10 @@ class Stacked2dCore(nnx.Module):
     self.output_shape = (*sizes.pop(), cfg.hidden_channels * len(cfg.stacked_layers))
 
   def __call__(self, images_MxBxHxWxC: jax.Array, behavior_MxBxF: jax.Array | None = None, *,
-               train: bool, key: jax.Array | None = None) -> tuple[jax.Array, dict]:
-    """train: batch statistics, running stats updated in place; key: Dropout2d (None: off)."""
+               train: bool, key: jax.Array | None = None,
+               valid_MxB: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """train: batch statistics (of the valid_MxB rows), running stats updated in place; key:
+    Dropout2d (None: off)."""
     if behavior_MxBxF is not None:
       raise ValueError(f"the stacked2d core takes no behaviour: behavior_mode must be one of "
                        f"{BEHAVIOR_MODES} (1: behaviour as image channels, added by the model)")
@@ -227,7 +238,7 @@ class Stacked2dCore(nnx.Module):
     for l, (layer, layer_key) in enumerate(zip(self.layers, keys, strict=True)):
       if l >= 1 and skip > 1:
         x_MxBxHxWxC = jnp.concatenate(outputs[-min(skip, l):], axis=-1)
-      x_MxBxHxWxC = layer(x_MxBxHxWxC, train=train, key=layer_key)
+      x_MxBxHxWxC = layer(x_MxBxHxWxC, train=train, key=layer_key, valid_MxB=valid_MxB)
       outputs.append(x_MxBxHxWxC)
     return jnp.concatenate([outputs[l] for l in self.config.stacked_layers], axis=-1), {}
 

@@ -386,7 +386,7 @@ def _train_and_evaluate(config, workdir: str, on_epoch, figures) -> dict:
   # Same batches and dropout keys as an uninterrupted run: the data order is a function of the
   # seed (skipped to `step`), the step key is fold_in(key, step).
   train_iter = iter(input_pipeline.as_numpy(input_pipeline.train_dataset(
-      trainer.mice, config.data, start_step=step)))
+      trainer.mice, config.data, start_step=step, epoch_steps=steps_per_epoch)))
   total_steps = config.train.num_epochs * steps_per_epoch
   decay_steps = min(config.train.lr_decay_epochs, config.train.num_epochs) * steps_per_epoch
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,

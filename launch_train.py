@@ -46,6 +46,7 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
                                       "processes in the run (default: $JAX_NUM_PROCESSES)")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None,
                                    "this process's index (default: $JAX_PROCESS_ID)")
+_CACHE = flags.DEFINE_string("compilation_cache", None, cli.CACHE_HELP)
 
 
 def main(argv):
@@ -59,6 +60,10 @@ def main(argv):
   from v1t_jax import distributed
   joined = distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   import jax
+  try:
+    cli.compilation_cache(_CACHE.value)
+  except ValueError as e:
+    raise SystemExit(f"error: {e}") from None
 
   from data_prep import prepare
   from v1t_jax import checkpoints, figures, input_pipeline, train

@@ -86,3 +86,34 @@ def test_unknown_config_field_is_a_one_line_flags_error(override, line, tmp_path
   assert proc.returncode == 1
   assert proc.stderr.splitlines()[0] == line and "Traceback" not in proc.stderr, proc.stderr
   assert not os.listdir(tmp_path)
+
+
+def test_unusable_compilation_cache_is_one_line(tmp_path):
+  (tmp_path / "a_file").write_text("")
+  bad = tmp_path / "a_file" / "cache"
+  proc = command("launch_train.py", "--config=configs/synthetic.py:tiny",
+                 f"--workdir={tmp_path / 'run'}", f"--compilation_cache={bad}")
+  assert proc.returncode == 1 and not os.path.exists(tmp_path / "run")   # nothing made
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f"error: --compilation_cache={bad}: not a writable folder")
+
+
+def test_compilation_cache_default_env_and_off(tmp_path, monkeypatch, capsys):
+  import jax
+  updates = []
+  monkeypatch.setattr(jax.config, "update", lambda name, value: updates.append((name, value)))
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "env"))
+  assert cli.compilation_cache(None) == str(tmp_path / "env")       # the env var, made
+  assert os.path.isdir(tmp_path / "env")
+  assert ("jax_compilation_cache_dir", str(tmp_path / "env")) in updates
+  assert ("jax_compilation_cache_max_size", cli.CACHE_MAX_BYTES) in updates   # locked, bounded
+  updates.clear()
+  assert cli.compilation_cache("") is None and updates == [("jax_enable_compilation_cache", False)]
+  # An unusable default (no env var; a read-only home) turns the cache off with a warning.
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+  (tmp_path / "a_file").write_text("")
+  monkeypatch.setattr(cli, "DEFAULT_CACHE", str(tmp_path / "a_file" / "cache"))
+  updates.clear()
+  assert cli.compilation_cache(None) is None
+  assert updates == [("jax_enable_compilation_cache", False)]
+  assert "compilation cache off" in capsys.readouterr().err

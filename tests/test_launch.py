@@ -27,9 +27,11 @@ def test_synthesize_convert_train_evaluate(tmp_path):
   assert [m["neurons"] for m in summary["mice"]] == [24, 31, 17]
   assert summary["batch"]["image"] == [[3, 4, 36, 64, 1], "float32"]
 
-  proc = launch(workdir, "--mode=train", *data)
+  cache = tmp_path / "xla_cache"
+  proc = launch(workdir, "--mode=train", f"--compilation_cache={cache}", *data)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "synthesizing" not in proc.stdout           # the data exist now
+  assert [p for p in os.listdir(cache) if p.startswith("jit_train_step-")]   # the step is cached
   assert "epoch 2/2" in proc.stdout
   trained = json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -43,6 +45,7 @@ def test_synthesize_convert_train_evaluate(tmp_path):
 def test_misspelt_override_fails_loudly(tmp_path):
   proc = launch(f"--workdir={tmp_path}", "--config.train.num_epoch=3")
   assert proc.returncode != 0 and "num_epoch" in proc.stderr
+
 
 
 def _synthetic_config(data_dir, zip_dir):

@@ -37,7 +37,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from v1t_jax import checkpoints, image_stage, readout
+from v1t_jax import checkpoints, cli, image_stage, readout
 from v1t_jax.model import ModelConfig, abstract_model
 
 CHECKPOINT_DIRS = {"best": "best", "latest": "checkpoints"}   # checkpoints.checkpoint_managers' layout
@@ -504,7 +504,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
   parser.add_argument("--batch_size", type=int, default=64)
   parser.add_argument("--device", default=None, help="cpu, gpu or tpu (default: JAX's default)")
+  parser.add_argument("--compilation_cache", default=None, help=cli.CACHE_HELP)
   args = parser.parse_args(argv)
+  cli.compilation_cache(args.compilation_cache)
 
   predictor = Predictor.from_workdir(args.workdir, which=args.which, step=args.step,
                                      device=args.device)

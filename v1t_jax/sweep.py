@@ -48,6 +48,8 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from v1t_jax import cli  # noqa: E402
+
 STUDY_NAME = "v1t"
 JOURNAL = "journal.log"
 OBJECTIVE = "validation single-trial correlation"
@@ -460,6 +462,7 @@ class Options:
   stale_after_s: float = 600.0
   max_failures: int = 3
   child: bool = False              # one of --workers processes: no report
+  compilation_cache: str | None = None   # the folder resolved by the parent ('' = off)
 
 
 def _diverged(error: Exception) -> bool:
@@ -626,6 +629,8 @@ def child_command(opts: Options) -> list[str]:
           "--workers=1", "--child"]
   if opts.seed is not None:
     args.append(f"--seed={opts.seed}")
+  if opts.compilation_cache is not None:
+    args.append(f"--compilation_cache={opts.compilation_cache}")
   return [sys.executable, "-m", "v1t_jax.sweep", *args]
 
 
@@ -863,6 +868,7 @@ def define_flags():
   flags.DEFINE_integer("max_failures", 3, "a worker stops after this many failed trials in a row")
   flags.DEFINE_bool("report", False, "only print the report of --study_dir")
   flags.DEFINE_bool("child", False, "internal: one of the --workers processes")
+  flags.DEFINE_string("compilation_cache", None, cli.CACHE_HELP)
 
 
 def config_args(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -900,6 +906,10 @@ def main(argv):
     for name in ("config", "space", "trials"):
       if not f[name].present:
         raise SweepError(f"--{name} is required (or --report for the report alone)")
+    try:   # trials of the same shapes compile once per machine
+      cache = cli.compilation_cache(f.compilation_cache)
+    except ValueError as e:
+      raise SweepError(str(e)) from None
     config_ref, overrides = config_args(sys.argv)
     sweep(Options(study_dir=f.study_dir, trials=f.trials, config=config_ref, space=f.space,
                   overrides=overrides, sampler=f.sampler, seed=f.seed, pruner=f.pruner,
@@ -907,7 +917,8 @@ def main(argv):
                   prune_startup_trials=f.prune_startup_trials,
                   reduction_factor=f.reduction_factor, workers=f.workers,
                   heartbeat_s=f.heartbeat_s, stale_after_s=f.stale_after_s,
-                  max_failures=f.max_failures, child=f.child))
+                  max_failures=f.max_failures, child=f.child,
+                  compilation_cache=cache or ""))
   except SweepError as e:
     _fail(f"error: {e}")
   except KeyboardInterrupt:

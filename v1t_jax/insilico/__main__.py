@@ -28,6 +28,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from v1t_jax import cli
+
 EXPERIMENTS = ("meis", "rf", "tuning")
 MEI_DEFAULT_NEURONS = 16
 
@@ -112,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
   p.add_argument("--device", default=None, help="cpu, gpu or tpu (default: JAX's default)")
   p.add_argument("--batch_size", type=int, default=256)
+  p.add_argument("--compilation_cache", default=None, help=cli.CACHE_HELP)
   p.add_argument("--seed", type=int, default=0, help="white-noise seed")
   m = p.add_argument_group("MEIs")
   m.add_argument("--seeds", type=int, default=4, help="MEIs per neuron (seeds 0..S-1)")
@@ -155,6 +158,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
   from v1t_jax import predict
   from v1t_jax import insilico as ex
+  cli.compilation_cache(args.compilation_cache)
   from v1t_jax.insilico import figures as fig_lib
   from v1t_jax.insilico import truth as truth_lib
 

@@ -1,7 +1,9 @@
 """The comparison of docs/results.md: V1T vs the CNN core vs a 5-member V1T ensemble on the
 synthetic demo mice, and V1T / CNN on the colour (Franke-style) mice with and without
 gray_scale. Each run is `launch_train.py` as a user types it; wall time includes compilation,
-evaluation and (for the first run of a dataset) synthesis and conversion.
+evaluation and (for the first run of a dataset) synthesis and conversion. The runs of
+docs/results.md used the "stream" training order (the default before session 10), so every run
+here pins it (COMMON).
 
   python scripts/compare_cores.py --out runs/compare            # every run, then the table
   python scripts/compare_cores.py --out runs/compare --only cnn  # one run
@@ -17,6 +19,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+COMMON = ["--config.data.train_order=stream"]
 RUNS = {   # name: (description, launch_train.py arguments)
     "v1t": ("V1T (demo config)", ["--config=configs/synthetic.py"]),
     "v1t_ensemble5": ("V1T, 5-member ensemble", ["--config=configs/synthetic.py",
@@ -39,7 +42,7 @@ def run(name: str, out: str):
   start = time.time()
   with open(os.path.join(out, f"{name}.log"), "w") as log:
     proc = subprocess.run([sys.executable, "launch_train.py", f"--workdir={workdir}",
-                           *RUNS[name][1]], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                           *RUNS[name][1], *COMMON], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                           check=False)
   wall = time.time() - start
   with open(os.path.join(out, f"{name}.time.json"), "w") as f:

@@ -105,6 +105,7 @@ def test_batch_norm_statistics_skip_padding_rows():
   # A partial batch of a BatchNorm core (stacked2d): statistics and running stats of its real
   # rows only, as the original's BatchNorm2d sees a batch of those rows.
   import jax.numpy as jnp
+
   from v1t_jax import stacked2d
   x = np.random.default_rng(0).normal(size=(2, 5, 3, 4, 6)).astype(np.float32)
   valid = np.array([[True] * 3 + [False] * 2, [True] * 5])

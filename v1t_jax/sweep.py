@@ -474,6 +474,7 @@ def run_trial(study, trial, opts: Options, space: list[Param], base, train_fn=No
   """Trains one trial in `trials/<number>/`, reporting every epoch; returns its final state."""
   from optuna.exceptions import UpdateFinishedTrialError
   from optuna.trial import TrialState
+
   from data_prep import prepare
   from v1t_jax import train
   train_fn = train_fn or train.train_and_evaluate
@@ -535,6 +536,7 @@ def run_trial(study, trial, opts: Options, space: list[Param], base, train_fn=No
 
 def _clear_caches():
   import gc
+
   import jax
   jax.clear_caches()   # each trial jits its own programs; do not keep them all
   gc.collect()

@@ -156,11 +156,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if getattr(args, flag) < 1:
       raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
 
-  from v1t_jax import predict
   from v1t_jax import insilico as ex
-  cli.compilation_cache(args.compilation_cache)
+  from v1t_jax import predict
   from v1t_jax.insilico import figures as fig_lib
   from v1t_jax.insilico import truth as truth_lib
+  cli.compilation_cache(args.compilation_cache)
 
   predictor = predict.Predictor.from_workdir(args.workdir, which=args.which, step=args.step,
                                              device=args.device)

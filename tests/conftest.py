@@ -14,10 +14,12 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import pytest  # noqa: E402
 
-# Modules with long end-to-end runs, started first so that pytest-xdist's workers finish together
-# (scripts/test.sh runs 2 workers, a module per worker at a time).
-SLOW_FIRST = ("test_sweep.py", "test_train.py", "test_interruptions.py", "test_multiprocess.py",
-              "test_launch.py", "test_ensemble.py")
+# The slowest modules, longest first, so that pytest-xdist's workers finish together
+# (scripts/test.sh: 2 workers, a module per worker at a time, in this order).
+SLOW_FIRST = ("test_train.py", "test_sweep.py", "test_ensemble.py", "test_multiprocess.py",
+              "test_launch.py", "test_torch_reference.py", "test_vit.py", "test_insilico.py",
+              "test_interruptions.py", "test_figures.py", "test_import_torch.py",
+              "test_run_guards.py", "test_bench.py")
 
 
 def pytest_collection_modifyitems(items):
@@ -45,10 +47,11 @@ def tiny_data_dir(tiny_zips, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def one_epoch_run(tiny_data_dir, tmp_path_factory):
+def one_epoch_run(tiny_zips, tiny_data_dir, tmp_path_factory):
   """A finished 1-epoch run of the tiny config, shared: a checkpoint every step (latest: steps 2
-  and 3), a progress line at every step, figures of the best state in TensorBoard. Returns
-  (workdir, config, what it printed). Copy the workdir before changing it."""
+  and 3), a progress line at every step, figures of the best state in TensorBoard, the oracle
+  from the zips' ground truth. Returns (workdir, config, what it printed). Copy the workdir
+  before changing it."""
   import contextlib
   import io
 
@@ -58,6 +61,7 @@ def one_epoch_run(tiny_data_dir, tmp_path_factory):
   config.data.data_dir = tiny_data_dir
   config.train.update(num_epochs=1, checkpoint_every_steps=1, figures_every_epochs=1)
   config.train.progress_every_s = 0.0
+  config.synthetic.zip_dir = os.path.dirname(tiny_zips[0])
   workdir = str(tmp_path_factory.mktemp("one_epoch_run") / "run")
   out = io.StringIO()
   with contextlib.redirect_stdout(out):

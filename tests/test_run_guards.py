@@ -108,8 +108,8 @@ def test_evaluate_without_a_checkpoint_says_so_in_one_line(tiny_zips, tiny_data_
     train.evaluate_checkpoint(config, one_epoch_copy)
 
 
-def test_resume_with_another_model_or_batch_size_names_the_fields(tiny_data_dir, one_epoch_copy,
-                                                                   capsys):
+def test_resume_with_another_model_or_batch_size_names_the_fields(tiny_zips, tiny_data_dir,
+                                                                   one_epoch_copy, capsys):
   ckpt = f"{one_epoch_copy}/checkpoints/3"
   config = tiny_config(tiny_data_dir, num_epochs=2)
   config.model.emb_dim = 8
@@ -130,6 +130,7 @@ def test_resume_with_another_model_or_batch_size_names_the_fields(tiny_data_dir,
   config = tiny_config(tiny_data_dir, num_epochs=2, lr=0.01, checkpoint_every_steps=1,
                        figures_every_epochs=1)
   config.train.progress_every_s = 0.0
+  config.synthetic.zip_dir = os.path.dirname(tiny_zips[0])   # as in the run (its oracle)
   config.model.t_dropout = 0.0
   latest, best = checkpoints.checkpoint_managers(one_epoch_copy)
   _, meta = checkpoints.restore_newest_intact(latest, train.setup(config), one_epoch_copy)

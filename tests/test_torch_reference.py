@@ -130,9 +130,9 @@ def relative_error(got, want):
 def test_eval_forward_objective_and_gradients_agree(ref, variant):
   cfg, torch_model, jax_model, image_hw = build_pair(ref, variant)
   batch = make_batch(image_hw)
-  with jax.default_matmul_precision("float32"):
-    pred, aux = jax_model(*(jnp.asarray(batch[k]) for k in ("image", "behavior", "pupil_center")),
-                          train=False)
+  inputs = [jnp.asarray(batch[k]) for k in ("image", "behavior", "pupil_center")]
+  with jax.default_matmul_precision("float32"):   # jitted: one compile instead of op by op
+    pred, aux = nnx.jit(lambda model, *x: model(*x, train=False))(jax_model, *inputs)
   pred = np.asarray(pred)
   torch_model.eval()
   for m, (mouse, n) in enumerate(zip(IDS, COUNTS)):
@@ -147,13 +147,12 @@ def test_eval_forward_objective_and_gradients_agree(ref, variant):
       assert np.abs(np.asarray(aux["shift"][m])).max() > 0.2
 
   # The objective (sum over mice of J_m) and its gradient, eval mode.
-  def objective(model):
-    total, aux = losses.objective(model, {k: jnp.asarray(v) for k, v in batch.items()}, N_TRAIN,
-                                  train=False)
-    return total, aux
+  def objective(model, batch):
+    return losses.objective(model, batch, N_TRAIN, train=False)
 
   with jax.default_matmul_precision("float32"):
-    (total, aux), grads = nnx.value_and_grad(objective, has_aux=True)(jax_model)
+    (total, aux), grads = nnx.jit(nnx.value_and_grad(objective, has_aux=True))(
+        jax_model, {k: jnp.asarray(v) for k, v in batch.items()})
   torch_model.zero_grad()
   torch_total = 0.0
   for m, mouse in enumerate(IDS):

@@ -160,6 +160,23 @@ def test_group_learning_rates():
   np.testing.assert_allclose(scaled["readouts"]["w"], 0.6)
 
 
+def test_runs_differing_only_in_lr_share_one_compiled_step(tiny_data_dir):
+  """The group lrs are arguments of the jitted step, not constants: the trials of an lr sweep
+  lower to the same program (one compile, then persistent-cache hits)."""
+  programs, lrs = [], []
+  for lr, core_lr in ((0.01, None), (0.02, 0.005)):
+    trainer = train.setup(tiny_config(tiny_data_dir, lr=lr, core_lr=core_lr))
+    batch = next(iter(input_pipeline.as_numpy(input_pipeline.train_dataset(
+        trainer.mice, trainer.config.data))))
+    lowered = trainer.jitted_train_step.lower(trainer.abstract_state, trainer.device_batch(batch),
+                                              jax.random.key(0), 1.0, trainer.lrs)
+    programs.append(lowered.as_text())
+    lrs.append(trainer.lrs)
+  assert programs[0] == programs[1]
+  assert lrs == [pytest.approx({"lr": 0.01, "core_lr": 0.01}),
+                 pytest.approx({"lr": 0.02, "core_lr": 0.005})]
+
+
 def test_decay_factor_falls_linearly_over_the_last_steps():
   # 10 steps, the last 4 decayed: steps 6-9 train at 4/4, 3/4, 2/4, 1/4 of the lr.
   assert [train.decay_factor(s, 10, 4) for s in range(10)] == [1.0] * 7 + [0.75, 0.5, 0.25]
@@ -167,11 +184,8 @@ def test_decay_factor_falls_linearly_over_the_last_steps():
   assert train.decay_factor(12, 10, 4) == 0.0   # past the end (a resume with fewer epochs)
 
 
-def test_challenge_metrics_and_oracle(tiny_zips, tiny_data_dir, tmp_path):
-  config = tiny_config(tiny_data_dir, num_epochs=1)
-  config.synthetic.zip_dir = os.path.dirname(tiny_zips[0])
-  workdir = str(tmp_path / "run")
-  train.train_and_evaluate(config, workdir)
+def test_challenge_metrics_and_oracle(one_epoch_run):
+  workdir = one_epoch_run[0]
   with open(os.path.join(workdir, "eval", "metrics.json")) as f:
     m = json.load(f, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
   assert m["validation"]["average"]["feve"] is None     # no repeats in validation: undefined

@@ -377,11 +377,11 @@ def test_fused_training_path_equals_explicit_path_given_the_kernels_mask(monkeyp
 
   monkeypatch.setattr(jax.random, "bernoulli", bernoulli)
   with jax.default_matmul_precision("float32"):
-    expected = nnx.value_and_grad(loss, argnums=1)(explicit, t)
+    expected = nnx.jit(nnx.value_and_grad(loss, argnums=1))(explicit, t)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(flash_attention, "flash_attention",
                         functools.partial(flash_attention.flash_attention, interpret=True,
                                           block_q=16, block_k=16))
-    got = nnx.value_and_grad(loss, argnums=1)(fused, t)
+    got = nnx.jit(nnx.value_and_grad(loss, argnums=1))(fused, t)
   np.testing.assert_allclose(got[0], expected[0], rtol=1e-5)
   np.testing.assert_allclose(got[1], expected[1], rtol=1e-4, atol=1e-6)

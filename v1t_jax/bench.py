@@ -394,13 +394,14 @@ def measure(what: str, trainer, batch: dict, *, iters: int, warmup: int, seed: i
   if what == "train_step":
     key, lr_scale = jax.random.key(seed), jnp.float32(1.0)
     t0 = time.perf_counter()
-    compiled = trainer.train_step.lower(state, dev_batch, key, lr_scale).compile()
+    compiled = trainer.jitted_train_step.lower(state, dev_batch, key, lr_scale,
+                                                trainer.lrs).compile()
     compile_s = time.perf_counter() - t0
     check_fits_host(what, compiled, jax.devices()[0].platform)
 
     def run(i):
       nonlocal state
-      state, out = compiled(state, dev_batch, jax.random.fold_in(key, i), lr_scale)
+      state, out = compiled(state, dev_batch, jax.random.fold_in(key, i), lr_scale, trainer.lrs)
       return out["loss"]
   elif what == "forward":
     params, buffers = state["params"], state["buffers"]

@@ -75,8 +75,11 @@ def group_lrs(train_cfg) -> dict:
 # Steps (module-level pure functions, jitted once with explicit shardings).
 
 
-def train_step(state, batch, key, lr_scale, *, graphdef, tx, n_train, lrs, microbatches=1):
+def train_step(state, batch, key, lr_scale, lrs, *, graphdef, tx, n_train, microbatches=1):
   """One optimizer update on a [M, B, ...] batch; returns the new state and per-mouse losses.
+
+  lrs: the group learning rates ({"lr", "core_lr"} scalars, `group_lrs`), an argument rather
+  than constants so that runs differing only in lr (sweep trials) share one compiled program.
 
   Buffers the forward pass updates (a core's BatchNorm statistics) come back in the new state.
   microbatches k > 1: gradients of k slices of B/k trials per mouse, accumulated (activation
@@ -221,15 +224,17 @@ class Trainer:
         lambda path, leaf: NamedSharding(self.mesh, P(*prefix, *state_spec(path, leaf, self.mesh))),
         one)
     step = functools.partial(train_step, graphdef=self.graphdef, tx=self.tx, n_train=self.n_train,
-                             lrs=group_lrs(self.config.train),
                              microbatches=int(self.config.train.get("microbatches", 1)))
+    self.lrs = {k: np.float32(v) for k, v in group_lrs(self.config.train).items()}
     evaluate = functools.partial(eval_step, graphdef=self.graphdef, n_train=self.n_train)
     if self.members > 1:   # keys [K] and lr factors [K]: one per member
-      step = jax.vmap(step, in_axes=(0, None, 0, 0))
+      step = jax.vmap(step, in_axes=(0, None, 0, 0, None))
       evaluate = functools.partial(ensemble_eval_step, graphdef=self.graphdef,
                                    n_train=self.n_train)
-    self.train_step = jax.jit(
-        step, in_shardings=(self.state_sharding, self.batch_sharding, self.repl, self.repl),
+    # jitted_train_step(state, batch, key, lr_scale, lrs); train_step binds this run's lrs.
+    self.jitted_train_step = jax.jit(
+        step,
+        in_shardings=(self.state_sharding, self.batch_sharding, self.repl, self.repl, self.repl),
         out_shardings=(self.state_sharding, self.repl), donate_argnums=(0,))
     self.eval_step = jax.jit(
         evaluate, in_shardings=(self.state_sharding["params"], self.state_sharding["buffers"],
@@ -276,6 +281,10 @@ class Trainer:
       return jax.random.fold_in(jax.random.key(seed), step)
     return jnp.stack([jax.random.fold_in(jax.random.key(seed + k), step)
                       for k in range(self.members)])
+
+  def train_step(self, state: dict, batch: dict, key: jax.Array, lr_scale) -> tuple[dict, dict]:
+    """One update at this run's learning rates times lr_scale (plateau x decay); donates state."""
+    return self.jitted_train_step(state, batch, key, lr_scale, self.lrs)
 
   def device_batch(self, batch: dict) -> dict:
     """This process's rows -> global arrays sharded on the batch axis."""

@@ -664,7 +664,12 @@ def run_workers(opts: Options, workers: int, gpus: list[str]) -> int:
                 + f" ({t.user_attrs.get('host')}:{t.user_attrs.get('pid')})", flush=True)
       if done:
         break
-      time.sleep(2.0)
+      running = next((p for p, _, _ in procs if p.poll() is None), None)
+      try:   # up to 2 s, less when a worker ends (its last trial is printed at once)
+        if running is not None:
+          running.wait(timeout=2.0)
+      except subprocess.TimeoutExpired:
+        pass
   except KeyboardInterrupt:
     for p, _, _ in procs:
       if p.poll() is None:

@@ -112,6 +112,22 @@ def test_positions_clamp_before_shift_and_sample_noise():
   np.testing.assert_allclose(y[0], [4.0, 2.0, 4.0], rtol=1e-6)
 
 
+def test_jitted_sampled_positions_equal_numpy_at_training_size():
+  """32 trials x 800 neurons (past 2^14 positions, where XLA:CPU 0.10.2 miscompiled the earlier
+  broadcast-multiply-sum form for a third of them), jitted as in the train step."""
+  readouts = make_readouts(counts=(800,))
+  mouse = nnx.merge(*_mouse_slice(readouts, 0))
+  mouse.sigma[...] = 8 * mouse.sigma[...]   # wide enough that some positions are clamped
+  key = jax.random.key(5)
+  got = nnx.jit(lambda mouse, key: mouse.positions(32, key))(mouse, key)
+  z = np.asarray(jax.random.normal(key, (32, 800, 2)), np.float64)
+  sigma = np.asarray(mouse.sigma[...], np.float64)
+  mu = np.asarray(mouse.mean_positions(), np.float64)
+  expected = np.clip(mu + np.einsum("ncd,bnd->bnc", sigma, z), -1, 1)
+  assert 0.01 < np.mean(np.abs(expected) == 1) < 0.5   # some positions are clamped
+  np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
 def _mouse_slice(stacked, m):
   graphdef, state = nnx.split(stacked)
   return graphdef, jax.tree.map(lambda x: x[m], state)

@@ -165,8 +165,11 @@ class Gaussian2d(nnx.Module):
     if key is None:
       return jnp.broadcast_to(jnp.clip(mu_Nx2, -1.0, 1.0), (batch,) + mu_Nx2.shape)
     z_BxNx2 = jax.random.normal(key, (batch,) + mu_Nx2.shape)
-    # (sigma_n z)_c = sum_d sigma[n, c, d] z[d]; elementwise so it is exact f32 on any backend.
-    offset_BxNx2 = jnp.sum(self.sigma[...][None] * z_BxNx2[:, :, None, :], axis=-1)
+    # (sigma_n z)_c = sigma[n, c, 0] z_0 + sigma[n, c, 1] z_1, written out: XLA:CPU (jaxlib
+    # 0.10.2) miscompiles the broadcast-multiply-sum form beyond 2^14 positions (docs/fidelity.md).
+    sigma_1xNx2x2 = self.sigma[...][None]
+    offset_BxNx2 = (sigma_1xNx2x2[..., 0] * z_BxNx2[:, :, 0:1]
+                    + sigma_1xNx2x2[..., 1] * z_BxNx2[:, :, 1:2])
     return jnp.clip(mu_Nx2 + offset_BxNx2, -1.0, 1.0)
 
   def __call__(

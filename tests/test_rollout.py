@@ -102,8 +102,8 @@ def test_rollout_of_the_models_own_attention():
                         image_shape=IMAGE_HW + (1,), rngs=nnx.Rngs(0))
   rng = np.random.default_rng(2)
   images = jnp.asarray(rng.normal(size=(2, 2) + IMAGE_HW + (1,)), jnp.float32)
-  _, aux = model(images, jnp.zeros((2, 2, 3)), jnp.zeros((2, 2, 2)), train=False,
-                 return_attention=True)
+  forward = nnx.jit(lambda model, *x: model(*x, train=False, return_attention=True)[1])
+  aux = forward(model, images, jnp.zeros((2, 2, 3)), jnp.zeros((2, 2, 2)))   # one compile
   attention = np.asarray(aux["attention"])
   assert attention.shape == (2, 2, 2, 2, 61, 61)                       # M, B, L, H, T, T
   maps = np.asarray(rollout.attention_rollout(aux["attention"], IMAGE_HW))

@@ -5,7 +5,9 @@
 1. The Pallas flash kernel (compiled, not interpreted) against the plain jnp attention with the
    kernel's own dropout mask, at the model's shape (T 1654, D 155, H 4), bf16 and fp32: outputs
    and gradients, and the time of each (forward + backward).
-2. `python -m v1t_jax.bench` on the default config (6 mice x 16) for the explicit and the fused
+2. The readout's sampled positions, jitted on the device at 32 x 8,000 against NumPy: the
+   model's form and the broadcast-multiply-sum form that XLA:CPU miscompiles (docs/fidelity.md).
+3. `python -m v1t_jax.bench` on the default config (6 mice x 16) for the explicit and the fused
    attention, bf16 and fp32, with a profile of the fused bf16 step. JSON lines go to --out.
 """
 
@@ -56,6 +58,26 @@ def kernel_check(dtype, n=16, h=4, t=1654, d=155, rate=0.2544):
           "plain_fwd_bwd_ms": 1e3 * timed(plain, q, k, v)}
 
 
+def readout_check(batch=32, neurons=8000):
+  """Max |jitted - NumPy| of clamp(mu + sigma z) in the model's form and in the faulty one."""
+  from flax import nnx
+
+  from v1t_jax import readout
+  mouse = readout.Gaussian2d(None, np.zeros(neurons, np.float32), num_channels=4,
+                             init_sigma=0.5, init_mu_range=0.5, rngs=nnx.Rngs(0))
+  key = jax.random.key(1)
+  z = np.asarray(jax.random.normal(key, (batch, neurons, 2)), np.float64)
+  sigma, mu = np.asarray(mouse.sigma[...], np.float64), np.asarray(mouse.mu[...], np.float64)
+  want = np.clip(mu + np.einsum("ncd,bnd->bnc", sigma, z), -1, 1)
+  model_form = nnx.jit(lambda m, k: m.positions(batch, k))(mouse, key)
+  faulty_form = jax.jit(lambda s, z, mu: jnp.clip(
+      mu + jnp.sum(s[None] * z[:, :, None, :], axis=-1), -1, 1))(
+      mouse.sigma[...], jnp.asarray(z, jnp.float32), mouse.mu[...])
+  return {"check": "readout_positions", "batch": batch, "neurons": neurons,
+          "model_form_max_err": float(np.abs(np.asarray(model_form) - want).max()),
+          "faulty_form_max_err": float(np.abs(np.asarray(faulty_form) - want).max())}
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--out", default="/tmp/gpu_check")
@@ -71,6 +93,13 @@ def main():
         result = {"dtype": str(jnp.dtype(dtype)), "error": f"{type(e).__name__}: {e}"[:2000]}
       print(json.dumps(result), flush=True)
       f.write(json.dumps(result) + "\n")
+  try:
+    result = readout_check()
+  except Exception as e:  # noqa: BLE001
+    result = {"check": "readout_positions", "error": f"{type(e).__name__}: {e}"[:2000]}
+  print(json.dumps(result), flush=True)
+  with open(os.path.join(args.out, "readout.json"), "w") as f:
+    f.write(json.dumps(result) + "\n")
   if args.skip_bench:
     return
   bench = [sys.executable, "-m", "v1t_jax.bench", "--config=configs/default.py",

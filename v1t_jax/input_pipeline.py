@@ -138,6 +138,16 @@ class MouseReader:
         "image_id": tf.fill([batch_size], tf.constant(-1, tf.int64)),
     }
 
+  def complete_batches(self, ds: tf.data.Dataset, batch_size: int) -> tf.data.Dataset:
+    """Decoded batches of `ds` with a partial one completed by padding rows (valid False)."""
+    pad = self.padding_batch(batch_size)
+
+    def fill(b):
+      k = batch_size - tf.shape(b["valid"])[0]
+      return {key: tf.concat([v, pad[key][:k]], axis=0) for key, v in b.items()}
+
+    return ds.map(fill)
+
 
 def readers(mice: list[MouseMeta], data_cfg) -> list[MouseReader]:
   n_max = max(m.num_neurons for m in mice)
@@ -210,13 +220,8 @@ def train_dataset(mice: list[MouseMeta], data_cfg, *, process_index: int | None 
       per_mouse.append(ds.map(reader.decode, num_parallel_calls=tf.data.AUTOTUNE))
       continue
     ds = _passes(records, n_local, batch, steps, seed, start_step)
-    pad = reader.padding_batch(batch)
-
-    def fill(b, pad=pad):   # a pass's last partial batch: complete it with invalid rows
-      k = batch - tf.shape(b["valid"])[0]
-      return {key: tf.concat([v, pad[key][:k]], axis=0) for key, v in b.items()}
-
-    per_mouse.append(ds.map(reader.decode, num_parallel_calls=tf.data.AUTOTUNE).map(fill))
+    ds = ds.map(reader.decode, num_parallel_calls=tf.data.AUTOTUNE)
+    per_mouse.append(reader.complete_batches(ds, batch))   # a pass's last batch is partial
   ds = tf.data.Dataset.zip(tuple(per_mouse)).map(_stack, num_parallel_calls=tf.data.AUTOTUNE)
   return ds.prefetch(tf.data.AUTOTUNE)
 
@@ -251,14 +256,9 @@ def eval_dataset(mice: list[MouseMeta], tier: str, data_cfg, *, process_index: i
   per_mouse = []
   for reader in rs:
     start, end = host_slice(reader.meta.tier_size(tier), pi, pc)
-    ds = reader.records(tier, pi, pc).batch(batch).map(reader.decode)
+    ds = reader.complete_batches(reader.records(tier, pi, pc).batch(batch).map(reader.decode),
+                                 batch)
     pad = reader.padding_batch(batch)
-
-    def fill(b, pad=pad):   # complete the last partial batch with invalid rows
-      k = batch - tf.shape(b["valid"])[0]
-      return {key: tf.concat([v, pad[key][:k]], axis=0) for key, v in b.items()}
-
-    ds = ds.map(fill)
     extra = num_batches - math.ceil((end - start) / batch)
     ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat(extra))
     per_mouse.append(ds)

@@ -23,12 +23,10 @@ def test_members_equal_separate_models_with_their_seeds(tiny_data_dir):
   """Member k after 3 steps = the one-model trainer of seed + k on the same batches (its own
   dropout keys: the tiny config's dropout is on), with member-specific lr factors."""
   config = tiny_config(tiny_data_dir, ensemble_size=2)
-  config.model.update(t_dropout=0.1, p_dropout=0.1)
+  assert config.model.t_dropout > 0 and config.model.p_dropout > 0
   ensemble = train.setup(config)
   single = train.Trainer(tiny_config(tiny_data_dir), ensemble.mice, ensemble.mesh,
                          ensemble.image_hwc)
-  single.config.model.update(t_dropout=0.1, p_dropout=0.1)
-  single = train.Trainer(single.config, ensemble.mice, ensemble.mesh, ensemble.image_hwc)
   batches = list(zip(range(3), input_pipeline.as_numpy(
       input_pipeline.train_dataset(ensemble.mice, config.data))))
   lr_K = np.array([1.0, 0.3], np.float32)

@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def command(data_dir: str, workdir: str) -> list[str]:
   return [sys.executable, "launch_train.py", "--config=configs/synthetic.py:tiny",
           f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
-          "--config.train.num_epochs=3", "--config.train.checkpoint_every_steps=1"]
+          "--config.train.num_epochs=2", "--config.train.checkpoint_every_steps=1"]
 
 
 def kill_during_a_checkpoint_write(cmd: list[str], checkpoints: str, after_step: int) -> str:
@@ -46,7 +46,7 @@ def test_sigkill_during_checkpoint_write_then_resume(tiny_data_dir, tmp_path):
   workdir = str(tmp_path / "killed")
   cmd = command(tiny_data_dir, workdir)
   partial = kill_during_a_checkpoint_write(cmd, os.path.join(workdir, "checkpoints"),
-                                           after_step=4)
+                                           after_step=3)
   config = synthetic.get_config("tiny")
   config.data.data_dir = tiny_data_dir
   trainer = train.setup(config)
@@ -58,12 +58,12 @@ def test_sigkill_during_checkpoint_write_then_resume(tiny_data_dir, tmp_path):
   subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
   reference = str(tmp_path / "uninterrupted")   # the same config, trained in this process
-  config.train.update(num_epochs=3, checkpoint_every_steps=1)
+  config.train.update(num_epochs=2, checkpoint_every_steps=1)
   train.train_and_evaluate(config, reference)
   states = []
   for run in (workdir, reference):
     latest, best = checkpoints.checkpoint_managers(run)
-    assert latest.latest_step() == 9
+    assert latest.latest_step() == 6
     states.append(checkpoints.restore(latest, trainer)[0])
     latest.close(), best.close()
   for a, b in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1])):

@@ -9,6 +9,8 @@ import re
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 from test_train import tiny_config  # the tiny run's config, one home
 
@@ -128,7 +130,7 @@ def test_resume_with_another_model_or_batch_size_names_the_fields(tiny_zips, tin
 
   # Other differences resume, and are named in one line.
   config = tiny_config(tiny_data_dir, num_epochs=2, lr=0.01, checkpoint_every_steps=1,
-                       figures_every_epochs=1)
+                       figures_every_epochs=1, lr_decay_epochs=1)
   config.train.progress_every_s = 0.0
   config.synthetic.zip_dir = os.path.dirname(tiny_zips[0])   # as in the run (its oracle)
   config.model.t_dropout = 0.0
@@ -202,7 +204,8 @@ def test_progress_lines_during_epochs_and_evaluation(one_epoch_run):
 
 
 def test_a_nan_stop_makes_launch_train_fail(tiny_zips, tiny_data_dir, one_epoch_copy):
-  # Resumed at a diverging lr: step 4 (params ~1e38) is finite and saved, step 5 is not.
+  # Resumed at a diverging lr with a checkpoint every step: step 4 (params ~1e38) is finite and
+  # saved, step 5 is not; the NaN steps neither become checkpoints nor push the good ones out.
   proc = subprocess.run(
       [sys.executable, "launch_train.py", "--config=configs/synthetic.py:tiny",
        f"--workdir={one_epoch_copy}", f"--config.data.data_dir={tiny_data_dir}",
@@ -216,3 +219,11 @@ def test_a_nan_stop_makes_launch_train_fail(tiny_zips, tiny_data_dir, one_epoch_
       f"it, the last good checkpoint is {one_epoch_copy}/checkpoints/4")
   assert sorted(os.listdir(os.path.join(one_epoch_copy, "checkpoints"))) == ["3", "4"]
   assert '"checkpoint_step": 3' in proc.stdout   # the best state was still evaluated
+  config = tiny_config(tiny_data_dir)
+  trainer = train.setup(config)
+  latest, best = checkpoints.checkpoint_managers(one_epoch_copy)
+  for step in latest.all_steps():
+    state, _ = checkpoints.restore(latest, trainer, step)
+    assert all(np.isfinite(np.asarray(x)).all()
+               for x in jax.tree.leaves((state["params"], state["opt_state"])))
+  latest.close(), best.close()

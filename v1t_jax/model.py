@@ -302,8 +302,9 @@ def model_config(config) -> ModelConfig:
   return ModelConfig.from_config(values)
 
 
-def build_model(config, mice: Sequence[Any], image_hwc, seed: int) -> V1T:
-  """The model of a run: `mice` are dataset_meta.MouseMeta (neurons, coordinates, statistics)."""
+def build_model(config, mice: Sequence[Any], image_hwc, seed) -> V1T:
+  """The model of a run: `mice` are dataset_meta.MouseMeta (neurons, coordinates, statistics);
+  `seed` an int, or a traced int32 (one compiled init for every seed)."""
   counts = [m.num_neurons for m in mice]
   n_max = max(counts)
   return V1T(
@@ -312,7 +313,7 @@ def build_model(config, mice: Sequence[Any], image_hwc, seed: int) -> V1T:
       image_shape=tuple(image_hwc),
       response_mean=padded([m.stat("responses", "mean") for m in mice], n_max),
       response_std=padded([m.stat("responses", "std") for m in mice], n_max),
-      remat=config.train.get("remat", "none"), rngs=nnx.Rngs(params=seed))
+      remat=config.train.get("remat", "none"), rngs=nnx.Rngs(params=jax.random.key(seed)))
 
 
 def abstract_model(model_cfg: ModelConfig, counts: Sequence[int], image_hwc) -> V1T:

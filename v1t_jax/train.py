@@ -257,7 +257,7 @@ class Trainer:
     With `train.pretrain_core`, the core's parameters come from that run's best checkpoint
     (the original's --pretrain_core); its lr and regulariser are 0, so it stays frozen.
     """
-    def make():
+    def make(seed):   # an argument: runs of other seeds share the compiled program
       states = []
       for k in range(self.members):
         model = build_model(self.config, self.mice, self.image_hwc, seed + k)
@@ -273,7 +273,7 @@ class Trainer:
           if self.members > 1 else self.abstract_state["params"]
       core = checkpoints.pretrained_core(self.config.train.pretrain_core, self.graphdef,
                                          one_params)
-    return jax.jit(make, out_shardings=self.state_sharding)()
+    return jax.jit(make, out_shardings=self.state_sharding)(np.int32(seed))
 
   def step_keys(self, seed: int, step: int) -> jax.Array:
     """The step's PRNG key (fold_in(key(seed), step)); [K] keys of seeds seed + k for K > 1."""
@@ -283,8 +283,9 @@ class Trainer:
                       for k in range(self.members)])
 
   def train_step(self, state: dict, batch: dict, key: jax.Array, lr_scale) -> tuple[dict, dict]:
-    """One update at this run's learning rates times lr_scale (plateau x decay); donates state."""
-    return self.jitted_train_step(state, batch, key, lr_scale, self.lrs)
+    """One update at this run's learning rates times lr_scale (plateau x decay); donates state.
+    lr_scale is made float32 here: a Python float (weakly typed) would compile another program."""
+    return self.jitted_train_step(state, batch, key, np.asarray(lr_scale, np.float32), self.lrs)
 
   def device_batch(self, batch: dict) -> dict:
     """This process's rows -> global arrays sharded on the batch axis."""

@@ -53,24 +53,24 @@ def test_ensemble_run_resumes_exactly_and_predicts_the_member_mean(tiny_data_dir
   workdir = str(tmp_path / "run")
   config = synthetic_cnn.get_config("tiny")
   config.data.data_dir = tiny_data_dir
-  config.train.update(ensemble_size=2, num_epochs=2, checkpoint_every_steps=1)
+  config.train.update(ensemble_size=2, num_epochs=1, checkpoint_every_steps=1)
   result = train.train_and_evaluate(config, workdir)
   members = result["metrics"]["members"]["validation"]
   assert len(members) == 2 and len(result["validation"]["member_single_trial_correlation_average"]) == 2
   trainer = train.setup(config)
   latest, best = checkpoints.checkpoint_managers(workdir)
-  uninterrupted, meta = checkpoints.restore(latest, trainer, 6)
+  uninterrupted, meta = checkpoints.restore(latest, trainer, 3)
   latest.close(), best.close()
   assert len(meta["plateau"]["members"]) == 2
   means = np.asarray(uninterrupted["buffers"]["core"]["layers"][0]["norm"]["mean"])
   assert means.shape == (2, 8) and not np.allclose(means[0], means[1])
 
-  killed = str(tmp_path / "killed")   # "killed" after step 5, mid-epoch 2
+  killed = str(tmp_path / "killed")   # "killed" after step 2, mid-epoch
   shutil.copytree(workdir, killed, ignore=shutil.ignore_patterns(".lock"))
-  shutil.rmtree(os.path.join(killed, "checkpoints", "6"))
+  shutil.rmtree(os.path.join(killed, "checkpoints", "3"))
   train.train_and_evaluate(config, killed)
   latest, best = checkpoints.checkpoint_managers(killed)
-  resumed, _ = checkpoints.restore(latest, trainer, 6)
+  resumed, _ = checkpoints.restore(latest, trainer, 3)
   latest.close(), best.close()
   for a, b in zip(jax.tree.leaves(uninterrupted), jax.tree.leaves(resumed)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

@@ -10,16 +10,18 @@ import time
 import jax
 import numpy as np
 
-from configs import synthetic
 from v1t_jax import checkpoints, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def command(data_dir: str, workdir: str) -> list[str]:
+def command(data_dir: str, zip_dir: str, workdir: str) -> list[str]:
+  """launch_train.py with conftest's one_epoch_run settings (figures aside, which change no
+  number): that run is the uninterrupted reference."""
   return [sys.executable, "launch_train.py", "--config=configs/synthetic.py:tiny",
           f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
-          "--config.train.num_epochs=2", "--config.train.checkpoint_every_steps=1"]
+          f"--config.synthetic.zip_dir={zip_dir}", "--config.train.num_epochs=1",
+          "--config.train.checkpoint_every_steps=1", "--config.train.lr_decay_epochs=1"]
 
 
 def kill_during_a_checkpoint_write(cmd: list[str], checkpoints: str, after_step: int) -> str:
@@ -42,13 +44,13 @@ def kill_during_a_checkpoint_write(cmd: list[str], checkpoints: str, after_step:
   raise AssertionError(f"no checkpoint write in progress was seen (exit code {proc.returncode})")
 
 
-def test_sigkill_during_checkpoint_write_then_resume(tiny_data_dir, tmp_path):
+def test_sigkill_during_checkpoint_write_then_resume(tiny_zips, tiny_data_dir, one_epoch_run,
+                                                     tmp_path):
   workdir = str(tmp_path / "killed")
-  cmd = command(tiny_data_dir, workdir)
+  cmd = command(tiny_data_dir, os.path.dirname(tiny_zips[0]), workdir)
   partial = kill_during_a_checkpoint_write(cmd, os.path.join(workdir, "checkpoints"),
-                                           after_step=3)
-  config = synthetic.get_config("tiny")
-  config.data.data_dir = tiny_data_dir
+                                           after_step=2)
+  reference, config = one_epoch_run[:2]
   trainer = train.setup(config)
   latest, best = checkpoints.checkpoint_managers(workdir)
   interrupted_at = latest.latest_step()
@@ -57,13 +59,10 @@ def test_sigkill_during_checkpoint_write_then_resume(tiny_data_dir, tmp_path):
   # The same command again: resumes from the last finished checkpoint and completes the run.
   subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
-  reference = str(tmp_path / "uninterrupted")   # the same config, trained in this process
-  config.train.update(num_epochs=2, checkpoint_every_steps=1)
-  train.train_and_evaluate(config, reference)
   states = []
   for run in (workdir, reference):
     latest, best = checkpoints.checkpoint_managers(run)
-    assert latest.latest_step() == 6
+    assert latest.latest_step() == 3
     states.append(checkpoints.restore(latest, trainer)[0])
     latest.close(), best.close()
   for a, b in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1])):

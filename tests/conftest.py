@@ -8,6 +8,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 # Identical programs (the same tiny model in several tests) compile once per session.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/v1t_jax_test_compile_cache")
+# Every program: even ones compiling in under 0.5 s recur across processes (docs/benchmarks.md).
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # Tiny programs: XLA's optimisation passes cost more time than they save.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")

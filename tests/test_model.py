@@ -157,7 +157,9 @@ def reference_model():
 # init order, layouts and maths: a change here means the model's numbers changed.
 GOLDEN_EVAL_MOUSE0_TRIAL0 = [0.6533743, 0.6156061, 1.1586458]
 GOLDEN_EVAL_MOUSE1_TRIAL2 = [0.7590753, 1.1049393, 0.8256504, 0.9433693, 0.7666794]
-GOLDEN_TRAIN_SUM = 18.755611  # key(7): sum over mice, trials and real neurons
+# key(7): sum over mice, trials and real neurons. Regenerated in session 13: the model now splits
+# its key once per pass (one key per random draw), so the dropout masks changed (was 18.755611).
+GOLDEN_TRAIN_SUM = 19.00349
 
 
 def test_golden_forward_values(reference_model):

@@ -203,6 +203,7 @@ def test_one_train_step_golden_values(tiny_data_dir):
   (per-mouse Poisson loss after ds_scale; R_m with the core L1 term in every mouse). The
   values were recorded with the "stream" order; "passes" is pinned by tests/test_train_order.py.
   The step runs on the 4 test devices, as training does (1 device: the same values).
+  Poisson values re-recorded in session 13: one key split per pass changed the dropout masks.
   """
   config = tiny_config(tiny_data_dir)
   config.data.train_order = "stream"
@@ -212,8 +213,8 @@ def test_one_train_step_golden_values(tiny_data_dir):
                                                                           config.data))))
   key = jax.random.fold_in(jax.random.key(config.seed), 0)
   state, out = trainer.train_step(state, trainer.device_batch(batch), key, 1.0)
-  np.testing.assert_allclose(float(out["loss"]), 2516.9267578125, rtol=1e-4)
-  np.testing.assert_allclose(out["poisson"], [272.94217, 389.23709, 223.70073], rtol=1e-4)
+  np.testing.assert_allclose(float(out["loss"]), 2519.5317382812, rtol=1e-4)
+  np.testing.assert_allclose(out["poisson"], [276.21304, 392.28934, 219.98274], rtol=1e-4)
   np.testing.assert_allclose(out["reg"], [543.68219, 543.73541, 543.62903], rtol=1e-4)
   assert int(state["step"]) == 1
 

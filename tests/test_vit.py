@@ -242,7 +242,7 @@ def test_dropout_masks_are_independent_per_example_and_head(recorded_masks):
   """PyTorch semantics: no mask is shared (broadcast) across examples or heads."""
   attn = vit.Attention(8, 2, t_dropout=0.5, use_lsa=False, use_bias=True, fused=False,
                        compute_dtype="float32", rngs=nnx.Rngs(0))
-  attn(jax.random.normal(jax.random.key(0), (6, 9, 8)), key=jax.random.key(1))
+  attn(jax.random.normal(jax.random.key(0), (6, 9, 8)), keys=jax.random.split(jax.random.key(1)))
   probs_mask = recorded_masks[0]
   assert probs_mask.shape == (6, 2, 9, 9)
   flat = probs_mask.reshape(12, -1)
@@ -278,17 +278,17 @@ def test_fused_attention_equals_explicit_without_dropout_and_refuses_dropout_off
   explicit = vit.Attention(6, 2, fused=False, rngs=nnx.Rngs(0), **kwargs)
   t = jax.random.normal(jax.random.key(0), (2, 5, 6))
   with jax.default_matmul_precision("float32"):
-    np.testing.assert_allclose(fused(t, key=None)[0], explicit(t, key=None)[0], rtol=1e-5,
+    np.testing.assert_allclose(fused(t, keys=None)[0], explicit(t, keys=None)[0], rtol=1e-5,
                                atol=1e-6)
   with pytest.raises(ValueError, match="needs the Pallas GPU kernel.*model.attention='explicit'"):
-    fused(t, key=jax.random.key(1))
+    fused(t, keys=jax.random.split(jax.random.key(1)))
 
 
 def test_attention_probabilities_and_lsa_diagonal():
   attn = vit.Attention(6, 2, t_dropout=0.0, use_lsa=True, use_bias=True, fused=True,
                        compute_dtype="float32", rngs=nnx.Rngs(0))
   t = jax.random.normal(jax.random.key(0), (2, 5, 6))
-  _, probs = attn(t, key=None, return_attention=True)  # fused falls back to give probs
+  _, probs = attn(t, keys=None, return_attention=True)  # fused falls back to give probs
   assert probs.shape == (2, 2, 5, 5)
   np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-6)
   np.testing.assert_array_equal(np.diagonal(probs, axis1=-2, axis2=-1), 0.0)
@@ -363,8 +363,7 @@ def test_fused_training_path_equals_explicit_path_given_the_kernels_mask(monkeyp
   fused = vit.Attention(6, 2, fused=True, rngs=nnx.Rngs(0), **kwargs)
   explicit = vit.Attention(6, 2, fused=False, rngs=nnx.Rngs(0), **kwargs)
   t = jax.random.normal(jax.random.key(0), (2, 21, 6))
-  key = jax.random.key(1)
-  prob_key, _ = layers.split_key(key, 2)
+  keys = prob_key, _ = tuple(jax.random.split(jax.random.key(1)))
   seed = jax.random.bits(prob_key, (2,), jnp.uint32)
   kernel_mask = flash_attention.keep_mask(seed, (2, 2, 21, 21), 0.3)
   draw = jax.random.bernoulli
@@ -373,7 +372,7 @@ def test_fused_training_path_equals_explicit_path_given_the_kernels_mask(monkeyp
     return kernel_mask if tuple(shape) == kernel_mask.shape else draw(key, p, shape)
 
   def loss(attn, t):
-    return jnp.sum(jnp.sin(attn(t, key=key)[0]) * jnp.arange(6.0))
+    return jnp.sum(jnp.sin(attn(t, keys=keys)[0]) * jnp.arange(6.0))
 
   monkeypatch.setattr(jax.random, "bernoulli", bernoulli)
   with jax.default_matmul_precision("float32"):

@@ -236,8 +236,9 @@ class V1T(nnx.Module):
     """
     if train and key is None:
       raise ValueError("train=True needs a PRNG key")
-    core_key, readout_key = layers.split_key(key if train else None, 2)
     mice = image_MxBxHxWxC.shape[0]
+    keys = jax.random.split(key, 1 + mice) if train else None   # one split (a Threefry loop)
+    core_key, readout_keys = (keys[0], keys[1:]) if train else (None, None)
     if self.config.behavior_mode == 1:  # after the resize, as in the original
       image_MxBxHxWxC = tile_behavior(image_MxBxHxWxC, behavior_MxBx3)
     behavior = None
@@ -256,7 +257,6 @@ class V1T(nnx.Module):
     if self.shifters is not None:
       shift_MxBx2 = layers.apply_per_mouse(self.shifters, pupil_center_MxBx2)
       aux["shift"] = shift_MxBx2
-    readout_keys = None if readout_key is None else jax.random.split(readout_key, mice)
     y_MxBxN = layers.apply_per_mouse(self.readouts, feat, shift_MxBx2, readout_keys)
     aux["pre_activation"] = y_MxBxN
     return jax.nn.elu(y_MxBxN) + 1.0, aux

@@ -1,9 +1,9 @@
 """The ViT core of V1T (model_spec.md §3).
 
 Layout: channels-last. The core sees the merged [N = M*B] axis of a [M, B, ...] batch and returns
-a [M, B, h, w, D] feature map. Randomness is explicit: every module takes `key`, a PRNG key in
-training or None for a deterministic (evaluation) pass. Precision: see `layers`; the residual
-stream, softmax and LayerNorm statistics stay float32.
+a [M, B, h, w, D] feature map. Randomness is explicit: the core splits its `key` once into one key
+per random draw and hands each module its keys (None: a deterministic, evaluation pass).
+Precision: see `layers`; the residual stream, softmax and LayerNorm statistics stay float32.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from jax.ad_checkpoint import checkpoint_name
 from v1t_jax import layers
 
 ATTENTION_PROBS = "attention_probs"  # checkpoint name of the softmax output
+KEYS_PER_BLOCK = 6  # random draws in a training block: attention 2, MLP 2, drop paths 2
 # train.remat: what each block keeps for the backward pass (the rest is recomputed). Results are
 # identical under every policy; only memory and time change.
 REMAT_POLICIES = {
@@ -51,10 +52,8 @@ def find_shape(num_patches: int) -> tuple[int, int]:
 
 
 def unfold_patches(images_NxHxWxC: jax.Array, patch_size: int, stride: int) -> jax.Array:
-  """torch `Unfold` on channels-last images -> [N, rows*cols, C*P*P], tokens row-major.
-
-  The patch vector is channel-major like the original (§3.1): index c*P*P + ki*P + kj.
-  """
+  """torch `Unfold` on channels-last images -> [N, rows*cols, C*P*P], tokens row-major; the
+  patch vector is channel-major like the original (§3.1): index c*P*P + ki*P + kj."""
   n, height, width, channels = images_NxHxWxC.shape
   rows, cols = patch_grid((height, width), patch_size, stride)
   shifted = [
@@ -130,11 +129,12 @@ class Attention(nnx.Module):
     else:
       self.scale = emb_dim**-0.5  # a buffer in the original; a constant here
 
-  def __call__(self, t_NxTxD: jax.Array, *, key: jax.Array | None,
+  def __call__(self, t_NxTxD: jax.Array, *, keys: Sequence[jax.Array | None] | None,
                return_attention: bool = False) -> tuple[jax.Array, jax.Array | None]:
-    """Returns (output [N, T, D], probabilities [N, H, T, T] before dropout, or None)."""
+    """Returns (output [N, T, D], probabilities [N, H, T, T] before dropout, or None).
+    keys: the (probabilities, output) dropout keys, or None for a deterministic pass."""
     n, num_tokens, _ = t_NxTxD.shape
-    prob_key, out_key = layers.split_key(key, 2)
+    prob_key, out_key = (None, None) if keys is None else keys
     u_NxTxD = self.layer_norm(t_NxTxD)
     qkv_NxTx3HD = self.to_qkv(u_NxTxD)
     # q, k, v in that order, each "(h d)" head-major: head h owns dims [h*D, (h+1)*D).
@@ -205,8 +205,9 @@ class MLP(nnx.Module):
     self.fc2 = layers.transformer_linear(
         mlp_dim, emb_dim, use_bias=use_bias, compute_dtype=compute_dtype, rngs=rngs)
 
-  def __call__(self, t_NxTxD: jax.Array, *, key: jax.Array | None) -> jax.Array:
-    key1, key2 = layers.split_key(key, 2)
+  def __call__(self, t_NxTxD: jax.Array, *, keys: Sequence[jax.Array | None] | None) -> jax.Array:
+    """keys: the (hidden, output) dropout keys, or None for a deterministic pass."""
+    key1, key2 = (None, None) if keys is None else keys
     h_NxTxM = jax.nn.gelu(self.fc1(self.layer_norm(t_NxTxD)), approximate=False)  # erf (§14.2)
     h_NxTxD = self.fc2(layers.dropout(h_NxTxM, self.t_dropout, key1))
     return layers.dropout(h_NxTxD, self.t_dropout, key2)
@@ -249,8 +250,10 @@ class Block(nnx.Module):
       self.bmlp = make_bmlp(rngs=rngs)
 
   def __call__(self, t_NxTxD: jax.Array, behavior_MxBxF: jax.Array | None, *,
-               key: jax.Array | None, return_attention: bool):
-    attn_key, mlp_key, path_key1, path_key2 = layers.split_key(key, 4)
+               keys: Sequence[jax.Array | None] | None, return_attention: bool):
+    """keys: KEYS_PER_BLOCK keys (attention, MLP, drop paths), or None: deterministic."""
+    keys = (None,) * KEYS_PER_BLOCK if keys is None else keys
+    attn_keys, mlp_keys, (path_key1, path_key2) = keys[0:2], keys[2:4], keys[4:6]
     if self.bmlp is not None:
       mice, batch, _ = behavior_MxBxF.shape
       if self.per_mouse_bmlp:
@@ -258,9 +261,9 @@ class Block(nnx.Module):
       else:
         b_MxBxD = self.bmlp(behavior_MxBxF)
       t_NxTxD = t_NxTxD + b_MxBxD.reshape(mice * batch, 1, -1)
-    a_NxTxD, probs_NxHxTxT = self.mha(t_NxTxD, key=attn_key, return_attention=return_attention)
+    a_NxTxD, probs_NxHxTxT = self.mha(t_NxTxD, keys=attn_keys, return_attention=return_attention)
     t_NxTxD = t_NxTxD + layers.drop_path(a_NxTxD, self.drop_path, path_key1)
-    m_NxTxD = self.mlp(t_NxTxD, key=mlp_key)
+    m_NxTxD = self.mlp(t_NxTxD, keys=mlp_keys)
     t_NxTxD = t_NxTxD + layers.drop_path(m_NxTxD, self.drop_path, path_key2)
     return t_NxTxD, probs_NxHxTxT
 
@@ -320,20 +323,22 @@ class ViTCore(nnx.Module):
     return_attention, else {}). train: dropout and drop path on (needs key)."""
     if train and key is None:
       raise ValueError("train=True needs a PRNG key")
-    key = key if train else None
     mice, batch = images_MxBxHxWxC.shape[:2]
     images_NxHxWxC = images_MxBxHxWxC.reshape((mice * batch,) + images_MxBxHxWxC.shape[2:])
-    embed_key, *block_keys = layers.split_key(key, 1 + len(self.blocks))
+    # One split for the whole pass: each jax.random.split is a Threefry loop for XLA to compile.
+    embed_key, *keys = layers.split_key(key if train else None,
+                                        1 + KEYS_PER_BLOCK * len(self.blocks))
     t_NxTxD = self.patch_embedding(images_NxHxWxC, key=embed_key)
 
-    def run_block(block, t_NxTxD, behavior_MxBxF, key):
-      return block(t_NxTxD, behavior_MxBxF, key=key, return_attention=return_attention)
+    def run_block(block, t_NxTxD, behavior_MxBxF, keys):
+      return block(t_NxTxD, behavior_MxBxF, keys=keys, return_attention=return_attention)
 
     if REMAT_POLICIES[self.remat] is not None:
       run_block = nnx.remat(run_block, policy=REMAT_POLICIES[self.remat])
     all_probs = []
-    for block, block_key in zip(self.blocks, block_keys):
-      t_NxTxD, probs_NxHxTxT = run_block(block, t_NxTxD, behavior_MxBxF, block_key)
+    for b, block in enumerate(self.blocks):
+      block_keys = keys[KEYS_PER_BLOCK * b:KEYS_PER_BLOCK * (b + 1)]
+      t_NxTxD, probs_NxHxTxT = run_block(block, t_NxTxD, behavior_MxBxF, block_keys)
       all_probs.append(probs_NxHxTxT)
     # Drop cls, then "b (h w) c" -> channels-last (h, w, c) with find_shape's (h, w) (§3.3).
     feat_MxBxhxwxD = t_NxTxD[:, 1:].reshape((mice, batch) + self.output_shape)

@@ -222,11 +222,12 @@ class Trainer:
     self.repl = NamedSharding(self.mesh, P())
     self.batch_sharding = NamedSharding(self.mesh, P(None, "data"))
     abstract = nnx.eval_shape(lambda: build_model(self.config, self.mice, self.image_hwc, 0))
-    self.graphdef = checkpoints.split_model(abstract)[0]
+    self.graphdef, *abstract_vars = checkpoints.split_model(abstract)
     self.members = members_of(self.config)
+    # The state's shapes from the abstract model (tracing build_model once, not twice).
     one = jax.eval_shape(
-        lambda: checkpoints.new_state(
-            build_model(self.config, self.mice, self.image_hwc, 0), self.tx))
+        lambda variables: checkpoints.new_state(nnx.merge(self.graphdef, *variables), self.tx),
+        abstract_vars)
     self.abstract_state = checkpoints.stacked(one, self.members)
     # A member axis first (replicated), then each leaf's own spec.
     prefix = (None,) if self.members > 1 else ()

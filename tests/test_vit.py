@@ -363,7 +363,8 @@ def test_fused_training_path_equals_explicit_path_given_the_kernels_mask(monkeyp
   fused = vit.Attention(6, 2, fused=True, rngs=nnx.Rngs(0), **kwargs)
   explicit = vit.Attention(6, 2, fused=False, rngs=nnx.Rngs(0), **kwargs)
   t = jax.random.normal(jax.random.key(0), (2, 21, 6))
-  keys = prob_key, _ = tuple(jax.random.split(jax.random.key(1)))
+  keys = tuple(jax.random.split(jax.random.key(1)))   # (probabilities, output)
+  prob_key = keys[0]
   seed = jax.random.bits(prob_key, (2,), jnp.uint32)
   kernel_mask = flash_attention.keep_mask(seed, (2, 2, 21, 21), 0.3)
   draw = jax.random.bernoulli

@@ -237,8 +237,10 @@ class V1T(nnx.Module):
     if train and key is None:
       raise ValueError("train=True needs a PRNG key")
     mice = image_MxBxHxWxC.shape[0]
-    keys = jax.random.split(key, 1 + mice) if train else None   # one split (a Threefry loop)
-    core_key, readout_keys = (keys[0], keys[1:]) if train else (None, None)
+    core_key = readout_keys = None
+    if train:   # one split for the core and every mouse's readout
+      keys = jax.random.split(key, 1 + mice)
+      core_key, readout_keys = keys[0], keys[1:]
     if self.config.behavior_mode == 1:  # after the resize, as in the original
       image_MxBxHxWxC = tile_behavior(image_MxBxHxWxC, behavior_MxBx3)
     behavior = None

@@ -1,5 +1,6 @@
-"""ViT core: patch geometry, unfold order vs conv, the core against a NumPy implementation of
-model_spec.md §3 (evaluation and training mode), remat policies, init, parameter counts."""
+"""ViT core: patch geometry, unfold + linear against NumPy, the core against a NumPy
+implementation of model_spec.md §3 (evaluation and training mode), remat policies, init, parameter
+counts."""
 
 import math
 
@@ -46,34 +47,28 @@ def test_find_shape_reproduces_original_including_its_disagreement():
   assert vit.find_shape(7) == (1, 7)
 
 
-def test_unfold_is_channel_major_and_row_major_over_positions():
-  images = np.random.default_rng(0).normal(size=(2, 9, 11, 3)).astype(np.float32)
-  size, stride = 3, 2
-  patches = np.asarray(vit.unfold_patches(jnp.asarray(images), size, stride))
-  rows, cols = vit.patch_grid((9, 11), size, stride)
-  assert patches.shape == (2, rows * cols, 3 * size * size)
-  for r, c, ch, ki, kj in [(0, 0, 0, 0, 0), (3, 4, 2, 2, 1), (1, 2, 1, 0, 2)]:
-    np.testing.assert_array_equal(
-        patches[:, r * cols + c, ch * size * size + ki * size + kj],
-        images[:, r * stride + ki, c * stride + kj, ch])
-
-
 @pytest.mark.parametrize("stride", [1, 3])
-def test_unfold_linear_equals_conv_with_documented_mapping(stride):
-  """patch_mode 0 == patch_mode 1 when K[ki, kj, c, d] = W[c*P*P + ki*P + kj, d]."""
+def test_patch_mode_0_equals_numpy_unfold_then_linear(stride):
+  """§3.1 patch_mode 0: torch Unfold (patch vector index c*P*P + ki*P + kj, patches row-major)
+  then Linear, in NumPy, one patch at a time; the model computes it as one convolution."""
   size, channels, emb = 4, 2, 5
-  kwargs = dict(patch_size=size, patch_stride=stride, emb_dim=emb, p_dropout=0.0,
-                compute_dtype="float32", rngs=nnx.Rngs(0))
-  linear = vit.PatchEmbedding((12, 16, channels), patch_mode=0, **kwargs)
-  conv = vit.PatchEmbedding((12, 16, channels), patch_mode=1, **kwargs)
-  weight = linear.projection.kernel[...]  # [C*P*P, D]
-  conv.projection.kernel[...] = weight.reshape(channels, size, size, emb).transpose(1, 2, 0, 3)
-  conv.projection.bias[...] = linear.projection.bias[...]
-  conv.cls_token[...] = linear.cls_token[...]
-  conv.pos_embedding[...] = linear.pos_embedding[...]
-  images = jax.random.normal(jax.random.key(1), (3, 12, 16, channels))
+  embed = vit.PatchEmbedding((12, 17, channels), patch_mode=0, patch_size=size,
+                             patch_stride=stride, emb_dim=emb, p_dropout=0.0,
+                             compute_dtype="float32", rngs=nnx.Rngs(0))
+  images = np.random.default_rng(1).normal(size=(3, 12, 17, channels))
+  rows, cols = (12 - size) // stride + 1, (17 - size) // stride + 1
+  kernel = np.asarray(embed.projection.kernel[...], np.float64)
+  tokens = np.zeros((3, rows * cols, emb))
+  for r in range(rows):
+    for c in range(cols):
+      window = images[:, r * stride:r * stride + size, c * stride:c * stride + size, :]
+      vector = window.transpose(0, 3, 1, 2).reshape(3, -1)   # [N, C*P*P], channel-major
+      tokens[:, r * cols + c] = vector @ kernel + np.asarray(embed.projection.bias[...])
+  cls = np.broadcast_to(np.asarray(embed.cls_token[...]), (3, 1, emb))
+  expected = np.concatenate([cls, tokens], axis=1) + np.asarray(embed.pos_embedding[...])
   with jax.default_matmul_precision("float32"):
-    np.testing.assert_allclose(linear(images, key=None), conv(images, key=None), atol=1e-5)
+    actual = embed(jnp.asarray(images, jnp.float32), key=None)
+  np.testing.assert_allclose(actual, expected, atol=1e-5)
 
 
 def test_patch_embedding_init():

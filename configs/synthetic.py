@@ -4,8 +4,9 @@
 
 On first use the preset's zips are written to `synthetic.zip_dir` and converted into
 `data.data_dir`. The model is a small V1T (same architecture, fewer and narrower blocks, larger
-patches at a coarser stride) so that it trains to a useful result in minutes on 2 CPU cores. `:tiny` selects the
-test-sized variant (the `tiny` preset, a two-block 16-wide model, a few steps per epoch).
+patches at a coarser stride) so that it trains to a useful result in minutes on 2 CPU cores.
+`:tiny` selects the test-sized variant (the `tiny` preset, a one-block 16-wide model, a few steps
+per epoch).
 `:color` is the demo on Franke-style colour mice (UV + green 2x36x64 images, written with
 `synthesize --color`); add `--config.data.gray_scale=True` for the original's --gray_scale.
 """
@@ -41,7 +42,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # heads of 64; per epoch the narrow model learns nearly as much (docs/benchmarks.md).
   m.emb_dim = 32 if demo else 16
   m.num_heads = 1 if demo else 2
-  m.num_blocks = 2
+  # Tiny: one block. The tests compile its steps many times and a second block costs ~25 % more
+  # per compile; cores of several blocks are tested in tests/test_vit.py and tests/test_model.py.
+  m.num_blocks = 2 if demo else 1
   m.mlp_dim = 64 if demo else 32
   # Demo: 12x12 patches at stride 3 give a 9x18 grid of tokens (the tiny variant: 6x6 at
   # stride 6, 6x10); the original's find_shape factorises the token count into the true grid.

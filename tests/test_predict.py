@@ -84,7 +84,8 @@ def test_predictions_equal_the_training_evaluation(run, predictor, tiny_zips):
   pred, attention = predictor.predict(MICE[2], images[:3], behavior[:3], pupil[:3], batch_size=8,
                                       return_attention=True)
   np.testing.assert_allclose(pred, want[:3], rtol=1e-5, atol=1e-6)
-  assert attention.shape == (3, 2, 2, 61, 61)
+  model = trainer.config.model
+  assert attention.shape == (3, model.num_blocks, model.num_heads, 61, 61)
   np.testing.assert_allclose(attention.sum(-1), 1.0, rtol=1e-5)
 
 

@@ -42,8 +42,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # heads of 64; per epoch the narrow model learns nearly as much (docs/benchmarks.md).
   m.emb_dim = 32 if demo else 16
   m.num_heads = 1 if demo else 2
-  # Tiny: one block. The tests compile its steps many times and a second block costs ~25 % more
-  # per compile; cores of several blocks are tested in tests/test_vit.py and tests/test_model.py.
+  # Tiny: one block, since the tests compile its steps many times (docs/benchmarks.md, "Test
+  # suite"); cores of several blocks are tested in tests/test_vit.py and tests/test_model.py.
   m.num_blocks = 2 if demo else 1
   m.mlp_dim = 64 if demo else 32
   # Demo: 12x12 patches at stride 3 give a 9x18 grid of tokens (the tiny variant: 6x6 at

@@ -47,6 +47,17 @@ def test_find_shape_reproduces_original_including_its_disagreement():
   assert vit.find_shape(7) == (1, 7)
 
 
+def numpy_unfold(images_NxHxWxC, patch, stride):
+  """torch Unfold, one patch at a time: [N, rows*cols] patches (row-major), each the vector
+  c*P*P + ki*P + kj (channel-major, §3.1)."""
+  n, height, width, _ = images_NxHxWxC.shape
+  rows, cols = (height - patch) // stride + 1, (width - patch) // stride + 1
+  return np.stack([
+      images_NxHxWxC[:, r * stride:r * stride + patch, c * stride:c * stride + patch, :]
+      .transpose(0, 3, 1, 2).reshape(n, -1)
+      for r in range(rows) for c in range(cols)], axis=1)
+
+
 @pytest.mark.parametrize("stride", [1, 3])
 def test_patch_mode_0_equals_numpy_unfold_then_linear(stride):
   """§3.1 patch_mode 0: torch Unfold (patch vector index c*P*P + ki*P + kj, patches row-major)
@@ -56,14 +67,8 @@ def test_patch_mode_0_equals_numpy_unfold_then_linear(stride):
                              patch_stride=stride, emb_dim=emb, p_dropout=0.0,
                              compute_dtype="float32", rngs=nnx.Rngs(0))
   images = np.random.default_rng(1).normal(size=(3, 12, 17, channels))
-  rows, cols = (12 - size) // stride + 1, (17 - size) // stride + 1
-  kernel = np.asarray(embed.projection.kernel[...], np.float64)
-  tokens = np.zeros((3, rows * cols, emb))
-  for r in range(rows):
-    for c in range(cols):
-      window = images[:, r * stride:r * stride + size, c * stride:c * stride + size, :]
-      vector = window.transpose(0, 3, 1, 2).reshape(3, -1)   # [N, C*P*P], channel-major
-      tokens[:, r * cols + c] = vector @ kernel + np.asarray(embed.projection.bias[...])
+  tokens = (numpy_unfold(images, size, stride) @ np.asarray(embed.projection.kernel[...])
+            + np.asarray(embed.projection.bias[...]))
   cls = np.broadcast_to(np.asarray(embed.cls_token[...]), (3, 1, emb))
   expected = np.concatenate([cls, tokens], axis=1) + np.asarray(embed.pos_embedding[...])
   with jax.default_matmul_precision("float32"):
@@ -127,13 +132,10 @@ def numpy_core(p, images, behavior, masks, *, heads, patch, lsa_scales=None, rat
     keep = take(None).reshape(-1, 1, 1)
     return np.where(keep, x / (1.0 - path_rate), 0.0)
 
-  n, height, width, _ = images.shape
-  rows, cols = (height - patch) // patch + 1, (width - patch) // patch + 1
-  patches = np.stack([images[:, r * patch:(r + 1) * patch, c * patch:(c + 1) * patch, :]
-                      .transpose(0, 3, 1, 2).reshape(n, -1)
-                      for r in range(rows) for c in range(cols)], axis=1)  # c*P*P + ki*P + kj
+  n = images.shape[0]
   emb = p["patch_embedding"]
-  tokens = patches @ emb["projection"]["kernel"] + emb["projection"]["bias"]
+  tokens = numpy_unfold(images, patch, patch) @ emb["projection"]["kernel"] \
+      + emb["projection"]["bias"]
   t = np.concatenate([np.broadcast_to(emb["cls_token"], (n, 1, tokens.shape[-1])), tokens], 1)
   t = drop(t + emb["pos_embedding"], rate)
   dim = t.shape[-1]
@@ -165,7 +167,7 @@ def numpy_core(p, images, behavior, masks, *, heads, patch, lsa_scales=None, rat
     hidden = drop(0.5 * hidden * (1.0 + _erf(hidden / np.sqrt(2.0))), rate)
     t = t + drop_path(drop(hidden @ m["fc2"]["kernel"] + m["fc2"]["bias"], rate))
   assert masks is None or not masks, f"{len(masks)} masks left unused"
-  h, w = vit.find_shape(rows * cols)
+  h, w = vit.find_shape(t.shape[1] - 1)
   return t[:, 1:].reshape(n, h, w, dim), np.stack(all_probs, 1)
 
 
